@@ -1,0 +1,186 @@
+"""FullDecoder stage: the whole text model, continuous batching over a preallocated KV pool.
+
+A sequence joins with a KV handoff. Its first step feeds t_N, the last prompt token, through all
+L layers at cache index N-1 (POP's boundary handling): that is an ordinary decode step, so it runs
+in the same batched loop as every other sequence's next token. Sequences leave when done.
+
+KV memory: one preallocated pool [L, 2, max_seqs, kv_heads, max_seq_len, head_dim]. Running
+sequences occupy slots 0..n-1 (a leaving sequence's slot is refilled by the last one), so each
+layer's attention reads a strided view of the pool: no gather, no copy, one SDPA call per layer.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .families.base import get_module
+from .kv import HandoffMismatch, KVHandoff, pop_fingerprint
+from .loading import load_checkpoint, param_bytes, release
+from .masks import decode_masks
+from .pop import skipped_layer_count
+from .sampling import SamplingParams, sample
+
+
+class DecoderFull(RuntimeError):
+    """No free slot or KV memory for another sequence (admission control)."""
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    params: SamplingParams
+    length: int  # KV entries filled in the slot
+    next_token: int
+    rope_delta: int
+    prompt_tokens: int
+    generator: Optional[torch.Generator]
+    stop_ids: frozenset
+    generated: list[int] = field(default_factory=list)
+
+
+@dataclass
+class StepOutput:
+    seq_id: int
+    token: int
+    finish_reason: Optional[str]  # None while running; "stop" or "length" when done
+
+
+class _SlotCache:
+    """Stands in for a transformers Cache during a decode step: writes each sequence's new K/V
+    at its own cache index and returns views of the pool up to the step's width."""
+
+    def __init__(self, pool: torch.Tensor):
+        self.pool = pool
+        self.rows = self.index = None
+        self.width = 0
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        n = k.shape[0]
+        self.pool[layer_idx, 0, self.rows, :, self.index] = k[:, :, 0]
+        self.pool[layer_idx, 1, self.rows, :, self.index] = v[:, :, 0]
+        return (self.pool[layer_idx, 0, :n, :, : self.width], self.pool[layer_idx, 1, :n, :, : self.width])
+
+
+class FullDecoder:
+    def __init__(self, model: str | Path, pop_ratio: float = 1 / 3, dtype: str = "auto", device: str = "cpu",
+                 max_seqs: int = 16, max_seq_len: int = 4096):
+        loaded = load_checkpoint(model, dtype, device)
+        fam = self.family = loaded.family
+        self.device, self.dtype = loaded.device, loaded.dtype
+        k = skipped_layer_count(fam.num_layers, pop_ratio, first_kept=fam.num_deepstack)
+        # Accept handoffs of this model from POP at the configured ratio, or full prefill (A/B off).
+        self.accepted = {pop_fingerprint(loaded.fingerprint, k): k, pop_fingerprint(loaded.fingerprint, 0): 0}
+        self.text = get_module(loaded.model, fam.text_path).to(self.device)
+        self.lm_head = loaded.model.lm_head.to(self.device)
+        release(loaded)
+        self.max_seqs, self.max_seq_len = max_seqs, max_seq_len
+        self.pool = torch.zeros(fam.num_layers, 2, max_seqs, fam.num_kv_heads, max_seq_len, fam.head_dim,
+                                dtype=self.dtype, device=self.device)
+        self._cache = _SlotCache(self.pool)
+        self.running: list[Sequence] = []  # index in this list == slot
+        self._ids = itertools.count()
+
+    # ---- bookkeeping -----------------------------------------------------------------------
+    def param_bytes(self) -> int:
+        return param_bytes(self.text, self.lm_head)
+
+    @property
+    def kv_pool_bytes(self) -> int:
+        return self.pool.numel() * self.pool.element_size()
+
+    @property
+    def kv_bytes_in_use(self) -> int:
+        per_token = self.family.num_layers * 2 * self.family.num_kv_heads * self.family.head_dim
+        return sum(s.length for s in self.running) * per_token * self.pool.element_size()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def can_admit(self, handoff_tokens: int, max_new_tokens: int) -> bool:
+        return len(self.running) < self.max_seqs and handoff_tokens + 1 + max_new_tokens <= self.max_seq_len
+
+    # ---- sequences -------------------------------------------------------------------------
+    def add(self, handoff: KVHandoff, params: SamplingParams, stop_token_ids=()) -> int:
+        fam = self.family
+        handoff.check(self.accepted, fam.num_layers, fam.num_kv_heads, fam.head_dim, self.dtype)
+        n = handoff.num_tokens
+        if n + 1 + params.max_new_tokens > self.max_seq_len:
+            raise DecoderFull(f"prompt ({n + 1}) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                              f"max_seq_len {self.max_seq_len}")
+        if len(self.running) >= self.max_seqs:
+            raise DecoderFull(f"all {self.max_seqs} sequence slots are busy")
+        slot = len(self.running)
+        self.pool[:, :, slot, :, :n] = handoff.kv.to(self.device)
+        seq = Sequence(next(self._ids), params, n, handoff.last_token, handoff.rope_delta, n + 1,
+                       params.generator(), frozenset(stop_token_ids) | frozenset(params.stop_token_ids))
+        self.running.append(seq)
+        return seq.seq_id
+
+    def remove(self, seq_id: int) -> bool:
+        """Drop a sequence (finished or aborted) and compact the slots."""
+        for slot, seq in enumerate(self.running):
+            if seq.seq_id == seq_id:
+                last = len(self.running) - 1
+                if slot != last:
+                    moved = self.running[last]
+                    self.pool[:, :, slot, :, : moved.length] = self.pool[:, :, last, :, : moved.length]
+                    self.running[slot] = moved
+                self.running.pop()
+                return True
+        return False
+
+    # ---- the step --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """One token for every running sequence (the first one of a new sequence is its boundary
+        step on t_N). Finished sequences are removed before returning."""
+        if not self.running:
+            return []
+        fam, text, dev, seqs = self.family, self.text, self.device, self.running
+        index = torch.tensor([s.length for s in seqs], device=dev)
+        tokens = torch.tensor([[s.next_token] for s in seqs], device=dev)
+        deltas = torch.tensor([s.rope_delta for s in seqs], device=dev)
+        hidden = fam.embed(text, tokens)
+        pe = fam.rotary(text, hidden, fam.decode_positions(index, deltas))
+        width = int(index.max()) + 1
+        masks = decode_masks(fam, index, width)
+        self._cache.rows, self._cache.index, self._cache.width = torch.arange(len(seqs), device=dev), index, width
+        for i, layer in enumerate(text.layers):
+            t = fam.layer_types[i]
+            hidden = layer(hidden, position_embeddings=pe[t], attention_mask=masks[t], cache=self._cache)
+        logits = self.lm_head(text.norm(hidden[:, -1])).float()
+        chosen = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+
+        outputs, done = [], []
+        for seq, tok in zip(seqs, chosen):
+            seq.length += 1
+            seq.generated.append(tok)
+            seq.next_token = tok
+            reason = None
+            if tok in seq.stop_ids:
+                reason = "stop"
+            elif len(seq.generated) >= seq.params.max_new_tokens:
+                reason = "length"
+            outputs.append(StepOutput(seq.seq_id, tok, reason))
+            if reason:
+                done.append(seq.seq_id)
+        for seq_id in done:
+            self.remove(seq_id)
+        return outputs
+
+    def generate(self, handoffs: list[KVHandoff], params: SamplingParams | list[SamplingParams],
+                 stop_token_ids=()) -> list[list[int]]:
+        """Convenience for tests and tools: decode these handoffs together to completion."""
+        plist = params if isinstance(params, list) else [params] * len(handoffs)
+        ids = [self.add(h, p, stop_token_ids) for h, p in zip(handoffs, plist)]
+        result: dict[int, list[int]] = {i: [] for i in ids}
+        while any(s.seq_id in result for s in self.running):
+            for out in self.step():
+                if out.seq_id in result:
+                    result[out.seq_id].append(out.token)
+        return [result[i] for i in ids]

@@ -1,0 +1,60 @@
+"""Chat messages + images -> token ids and pixels, through the family's real processor."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .checkpoint import read_config, resolve_model_dir
+from .families import PixelInputs, family_for
+
+
+@dataclass
+class Prompt:
+    input_ids: torch.Tensor  # [N] long
+    mm_token_type_ids: Optional[torch.Tensor]  # [N] (0 text, 1 image), None without images
+    pixels: list[PixelInputs] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+
+class PromptBuilder:
+    """Applies the checkpoint's chat template and processor. Light: no model weights."""
+
+    def __init__(self, model: str | Path):
+        from transformers import AutoConfig, AutoProcessor
+
+        model_dir = resolve_model_dir(model)
+        read_config(model_dir)
+        self.family = family_for(AutoConfig.from_pretrained(model_dir))
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.tokenizer = self.processor.tokenizer
+        self.eos_token_ids = self._eos_ids(model_dir)
+
+    def _eos_ids(self, model_dir: Path) -> tuple[int, ...]:
+        from transformers import GenerationConfig
+
+        ids = {self.tokenizer.eos_token_id}
+        try:
+            eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+            ids |= set(eos if isinstance(eos, list) else [eos])
+        except OSError:
+            pass
+        return tuple(sorted(i for i in ids if i is not None))
+
+    def render(self, messages: list[dict]) -> str:
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def build(self, messages: list[dict], images: list | None = None) -> Prompt:
+        """messages in HF chat format: content a string or parts {"type": "text"|"image"}."""
+        images = images or []
+        text = self.render(messages)
+        batch = self.processor(text=[text], images=images or None, return_tensors="pt")
+        ids = batch["input_ids"][0]
+        types = batch.get("mm_token_type_ids", batch.get("token_type_ids"))
+        pixels = self.family.split_pixels(batch) if images else []
+        return Prompt(ids, types[0] if (types is not None and images) else None, pixels)

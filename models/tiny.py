@@ -1,0 +1,231 @@
+"""Offline checkpoints with random weights, for tests ('tiny') and benchmarks ('bench').
+
+Each directory loads through the real code paths: `<Family>ForConditionalGeneration.from_pretrained`
+and `AutoProcessor.from_pretrained`, with HF_HUB_OFFLINE=1. The tokenizer is a byte-level BPE
+trained here with the `tokenizers` library, carrying the family's real special tokens and a chat
+template in the family's format; the image processor is the family's real one.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+QWEN_SPECIALS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|image_pad|>", "<|video_pad|>",
+]
+GEMMA_SPECIALS = [
+    "<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
+    "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+]
+
+# Same shape of template as the real ones (role markers, image placeholder where the part is).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] in ('image', 'image_url') %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] in ('image', 'image_url') %}{{ '<start_of_image>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<end_of_turn>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+_WORDS = (
+    "the of and to in is it that was for on are with as they be at one have this from or had by "
+    "word but what some we can out other were all there when up use your how said an each she which "
+    "do their time if will way about many then them write would like so these her long make thing see "
+    "him two has look more day could go come did number sound no most people my over know water than "
+    "call first who may down side been now find any new work part take get place made live where after "
+    "back little only round man year came show every good me give our under name very through just form "
+    "sentence great think say help low line differ turn cause much mean before move right boy old too "
+    "same tell does set three want air well also play small end put home read hand port large spell add "
+    "even land here must big high such follow act why ask men change went light kind off need house "
+    "picture try us again animal point mother world near build self earth father head stand own page "
+    "should country found answer school grow study still learn plant cover food sun four between state "
+    "keep eye never last let thought city tree cross farm hard start might story saw far sea draw left "
+    "late run while press close night real life few north open seem together next white children begin "
+    "red blue green yellow circle square triangle color shape image left right top bottom count"
+).split()
+
+
+def _corpus(n_words: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    syll = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "da", "pe", "qu", "zo", "fa", "gi", "ho"]
+    invented = ["".join(rng.choice(syll) for _ in range(rng.randint(2, 4))) for _ in range(4000)]
+    lines = []
+    for _ in range(n_words // 12):
+        words = [rng.choice(_WORDS) if rng.random() < 0.7 else rng.choice(invented) for _ in range(12)]
+        lines.append(" ".join(words).capitalize() + rng.choice([".", ",", "?", "!", ":"]))
+    return lines
+
+
+def train_tokenizer(family: str, vocab_size: int, seed: int = 0):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = QWEN_SPECIALS if family == "qwen3-vl" else GEMMA_SPECIALS
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(200_000, seed), trainer=trainer)
+    if family == "qwen3-vl":
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+            chat_template=QWEN_CHAT_TEMPLATE,
+            extra_special_tokens={
+                "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>",
+            },
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        chat_template=GEMMA_CHAT_TEMPLATE,
+        extra_special_tokens={
+            "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>",
+        },
+    )
+
+
+# Text shapes. 'bench' is fixed by the performance targets (see README); 'tiny' runs in seconds.
+_TEXT = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16),
+    "bench": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=24, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=64),
+}
+_VOCAB = {"tiny": 1024, "bench": 6144}
+
+
+def _qwen_config(size: str, tok):
+    from transformers import Qwen3VLConfig
+
+    text = dict(_TEXT[size])
+    half = text["head_dim"] // 2
+    mrope = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]  # [24,20,20] at head_dim 128
+    vision = (dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, deepstack_visual_indexes=[0, 1])
+              if size == "tiny" else
+              dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, deepstack_visual_indexes=[1, 2, 3]))
+    ids = tok.convert_tokens_to_ids
+    return Qwen3VLConfig(
+        text_config=dict(
+            **text, vocab_size=len(tok), max_position_embeddings=8192, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": mrope,
+                             "mrope_interleaved": True},
+            tie_word_embeddings=False,
+        ),
+        vision_config=dict(**vision, patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           out_hidden_size=text["hidden_size"], num_position_embeddings=576),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+
+
+def _gemma_config(size: str, tok):
+    from transformers import Gemma3Config
+
+    text = dict(_TEXT[size])
+    n = text["num_hidden_layers"]
+    window = 8 if size == "tiny" else 512
+    vision = (dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   image_size=64, patch_size=8)
+              if size == "tiny" else
+              dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                   image_size=448, patch_size=14))
+    ids = tok.convert_tokens_to_ids
+    return Gemma3Config(
+        text_config=dict(
+            **text, vocab_size=len(tok), max_position_embeddings=8192, sliding_window=window,
+            query_pre_attn_scalar=text["head_dim"], rms_norm_eps=1e-6,
+            layer_types=["full_attention" if (i + 1) % 6 == 0 or i == n - 1 else "sliding_attention"
+                         for i in range(n)],
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+            tie_word_embeddings=False, pad_token_id=ids("<pad>"), bos_token_id=ids("<bos>"),
+            eos_token_id=ids("<eos>"),
+        ),
+        vision_config=dict(**vision, model_type="siglip_vision_model", layer_norm_eps=1e-6),
+        mm_tokens_per_image=16 if size == "tiny" else 256,
+        boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
+        image_token_index=ids("<image_soft_token>"), tie_word_embeddings=False,
+        pad_token_id=ids("<pad>"), bos_token_id=ids("<bos>"), eos_token_id=[ids("<eos>"), ids("<end_of_turn>")],
+    )
+
+
+def _processor(family: str, size: str, tok, config):
+    if family == "qwen3-vl":
+        from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+        # Tests keep images small; the bench shape takes a 448x448 or 896x896 image whole.
+        longest = 128 * 128 if size == "tiny" else 1024 * 1024
+        size_cfg = {"shortest_edge": 32 * 32, "longest_edge": longest}
+        image = Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, size=size_cfg,
+                                      image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        video = Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, size=size_cfg)
+        return Qwen3VLProcessor(image_processor=image, tokenizer=tok, video_processor=video,
+                                chat_template=QWEN_CHAT_TEMPLATE)
+    from transformers import Gemma3ImageProcessor, Gemma3Processor
+
+    side = config.vision_config.image_size
+    image = Gemma3ImageProcessor(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return Gemma3Processor(image_processor=image, tokenizer=tok, chat_template=GEMMA_CHAT_TEMPLATE,
+                           image_seq_length=config.mm_tokens_per_image)
+
+
+def _readable_lm_head(model, tok) -> None:
+    """Random weights rarely emit readable text: zero the LM-head rows of special tokens and
+    lone bytes so greedy decoding yields whole, decodable words."""
+    vocab = tok.get_vocab()
+    special = set(tok.all_special_ids)
+    rows = [i for t, i in vocab.items() if i in special or len(t) == 1]
+    with torch.no_grad():
+        model.lm_head.weight[rows] = 0
+
+
+def make_tiny(family: str, size: str, out_dir: str | Path, seed: int = 0) -> Path:
+    from transformers import Gemma3ForConditionalGeneration, Qwen3VLForConditionalGeneration
+
+    if family not in ("qwen3-vl", "gemma3"):
+        raise ValueError(f"unknown family {family!r}; choose qwen3-vl or gemma3")
+    if size not in _TEXT:
+        raise ValueError(f"unknown size {size!r}; choose tiny or bench")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(family, _VOCAB[size], seed)
+    config = _qwen_config(size, tok) if family == "qwen3-vl" else _gemma_config(size, tok)
+    cls = Qwen3VLForConditionalGeneration if family == "qwen3-vl" else Gemma3ForConditionalGeneration
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    if family == "gemma3":  # HF initialises the projector to zeros; random keeps images visible
+        with torch.no_grad():
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.05)
+    _readable_lm_head(model, tok)
+    model.generation_config.do_sample = False
+    if size == "bench":
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(out)
+    _processor(family, size, tok, config).save_pretrained(out)
+    return out

@@ -1,0 +1,133 @@
+"""The one configuration model of popserve.
+
+The same pydantic model validates `popserve serve` flags, YAML files and the `args` of a
+KubeRay serveConfigV2 application, so every way of starting the server agrees on what is valid.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Family = Literal["qwen3-vl", "gemma3"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Autoscaling(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> "Autoscaling":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("autoscaling.max_replicas must be >= min_replicas")
+        return self
+
+
+class DeploymentSettings(_Strict):
+    """Per-stage Serve settings. Fractional num_gpus lets all stages share one GPU pool."""
+
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: Optional[Autoscaling] = None  # when set, overrides num_replicas
+    max_ongoing_requests: int = Field(32, ge=1)
+    num_cpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0, le=8)
+
+
+class Limits(_Strict):
+    max_request_bytes: int = Field(20 * 2**20, ge=1024)
+    max_images_per_request: int = Field(4, ge=0)
+    max_image_bytes: int = Field(10 * 2**20, ge=1024)
+    # Images above this many pixels are downscaled (aspect kept) before encoding;
+    # images whose header claims more than max_decoded_pixels are refused before decoding.
+    max_image_pixels: int = Field(1024 * 1024, ge=64 * 64)
+    max_decoded_pixels: int = Field(40_000_000, ge=64 * 64)
+    max_prompt_tokens: Optional[int] = Field(None, ge=2)  # None: the model's context length
+    max_tokens_default: int = Field(256, ge=1)
+    max_tokens_limit: int = Field(2048, ge=1)
+    request_timeout_s: float = Field(300.0, gt=0)
+
+
+class DecodeEngine(_Strict):
+    """Continuous-batching limits of one decode replica."""
+
+    max_running_seqs: int = Field(16, ge=1)
+    max_seq_len: int = Field(4096, ge=16)  # prompt + generated tokens of one sequence
+    max_waiting: int = Field(64, ge=0)  # admitted but not yet running; beyond it: 503
+
+
+class Media(_Strict):
+    allow_remote_images: bool = False
+    allowed_hosts: list[str] = Field(default_factory=list)  # empty + allow_remote: any public host
+    fetch_timeout_s: float = Field(10.0, gt=0)
+    max_redirects: int = Field(3, ge=0)
+
+
+class ServeConfig(_Strict):
+    model: Optional[str] = None  # directory or hub id; None: the offline default model
+    served_model_name: Optional[str] = None
+    family: Optional[Family] = None  # detected from config.json when omitted
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    pop_ratio: float = Field(1 / 3, ge=0.0, lt=1.0)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys: list[str] = Field(default_factory=list)
+    protect_metrics: bool = False  # /health stays open for probes; /metrics optionally keyed
+    encoder_cache_bytes: int = Field(256 * 2**20, ge=0)
+    # Zero-copy reads of torch tensors from Ray's shared-memory object store (CPU path).
+    zero_copy_tensors: bool = True
+
+    ingress: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(max_ongoing_requests=256))
+    encoder: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    prefill: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    decode: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(max_ongoing_requests=128))
+    engine: DecodeEngine = Field(default_factory=DecodeEngine)
+    limits: Limits = Field(default_factory=Limits)
+    media: Media = Field(default_factory=Media)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [k for k in (s.strip() for s in v.split(",")) if k]
+        return v
+
+    # ---- helpers -------------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ServeConfig":
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        return cls.model_validate(data)
+
+    def resolved(self) -> "ServeConfig":
+        """Fill model (default), family (from config.json) and device (from the hardware)."""
+        from popserve.models.checkpoint import default_model_dir, detect_family
+
+        cfg = self.model_copy(deep=True)
+        if cfg.model is None:
+            cfg.model = str(default_model_dir())
+        if cfg.family is None:
+            cfg.family = detect_family(cfg.model)
+        if cfg.device == "auto":
+            import torch
+
+            cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if cfg.served_model_name is None:
+            cfg.served_model_name = Path(cfg.model).name if Path(cfg.model).exists() else cfg.model
+        return cfg
+
+    def model_name(self) -> str:
+        return self.served_model_name or (Path(self.model).name if self.model else "popserve-default")
+
+
+def dump_json_schema() -> str:
+    return json.dumps(ServeConfig.model_json_schema(), indent=2)
