@@ -30,6 +30,7 @@ class KVHandoff:
     skipped_layers: int
     fingerprint: str  # pop_fingerprint(model, k)
     prompt_tokens: int  # N (the handoff holds N-1 of them)
+    created_at: float = 0.0  # wall clock when prefill finished, to time the handoff
 
     @property
     def num_tokens(self) -> int:

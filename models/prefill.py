@@ -6,6 +6,7 @@ norm or LM head: t_N, the last prompt token, is decode's first step (boundary ha
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -94,11 +95,12 @@ class PrunedPrefill:
             k, v = independent_kv(text.layers[i], hidden, *pe[fam.layer_types[i]])
             buf[i, 0], buf[i, 1] = k, v
 
+        now = time.time()
         return [
             KVHandoff(
                 kv=buf[:, :, b, :, :n].contiguous(),  # a view, no copy, when the batch is one prompt
                 last_token=int(r.input_ids[-1]), rope_delta=deltas[b], pop_ratio=self.pop_ratio,
-                skipped_layers=self.k, fingerprint=self.fingerprint, prompt_tokens=n + 1,
+                skipped_layers=self.k, fingerprint=self.fingerprint, prompt_tokens=n + 1, created_at=now,
             )
             for b, (r, n) in enumerate(zip(requests, lengths))
         ]

@@ -37,6 +37,7 @@ class DeploymentSettings(_Strict):
     num_replicas: int = Field(1, ge=1)
     autoscaling: Optional[Autoscaling] = None  # when set, overrides num_replicas
     max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(256, ge=-1)  # beyond it callers get 503 at once; -1: unbounded
     num_cpus: float = Field(0.0, ge=0)
     num_gpus: float = Field(0.0, ge=0, le=8)
 
@@ -84,10 +85,14 @@ class ServeConfig(_Strict):
     encoder_cache_bytes: int = Field(256 * 2**20, ge=0)
     # Zero-copy reads of torch tensors from Ray's shared-memory object store (CPU path).
     zero_copy_tensors: bool = True
+    torch_threads: Optional[int] = Field(None, ge=1)  # per replica; None: torch's default
+    # A second prefill deployment at ratio 0 serves requests with "pop": false (A/B checks).
+    pop_off_prefill: bool = True
 
     ingress: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(max_ongoing_requests=256))
     encoder: DeploymentSettings = Field(default_factory=DeploymentSettings)
     prefill: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    prefill_full: DeploymentSettings = Field(default_factory=DeploymentSettings)
     decode: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(max_ongoing_requests=128))
     engine: DecodeEngine = Field(default_factory=DecodeEngine)
     limits: Limits = Field(default_factory=Limits)

@@ -1,0 +1,84 @@
+"""Prefill deployment: POP-pruned prefill of concurrent prompts, batched, one KV handoff each."""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Optional
+
+import torch
+from ray import serve
+
+from popserve.models.families import ImageFeatures
+from popserve.models.kv import KVHandoff
+from popserve.models.prefill import PrefillRequest, PrunedPrefill
+
+from ..config import ServeConfig
+from ..errors import BadRequest
+from .common import setup_replica
+
+MAX_PAD_RATIO = 1.5  # prompts batch together only when the longest is at most this x the shortest
+
+
+def length_groups(lengths: list[int]) -> list[list[int]]:
+    """Indices grouped so that right-padding wastes little compute."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[i] <= MAX_PAD_RATIO * max(1, lengths[groups[-1][0]]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+@serve.deployment
+class PrefillStage:
+    def __init__(self, cfg: dict, pop_ratio: float):
+        self.cfg = ServeConfig.model_validate(cfg)
+        setup_replica(self.cfg)
+        self.runner = PrunedPrefill(self.cfg.model, pop_ratio, self.cfg.dtype, self.cfg.device)
+        self.prompts = self.batches = self.tokens = self.in_flight = 0
+        self.handoff_bytes = 0
+        self.busy_s = 0.0
+
+    async def prefill(self, input_ids: torch.Tensor, mm_token_type_ids: Optional[torch.Tensor],
+                      features: Optional[list[ImageFeatures]] = None) -> KVHandoff:
+        features = features or []
+        image_tokens = int((input_ids == self.runner.family.image_token_id).sum())
+        if image_tokens != sum(f.num_tokens for f in features):
+            raise BadRequest(f"prompt has {image_tokens} image tokens but {len(features)} images give "
+                             f"{sum(f.num_tokens for f in features)} features", code="image_token_mismatch")
+        self.in_flight += 1
+        try:
+            return await self._batched(PrefillRequest(input_ids, mm_token_type_ids, features))
+        finally:
+            self.in_flight -= 1
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def _batched(self, requests: list[PrefillRequest]) -> list[KVHandoff]:
+        t0 = time.perf_counter()
+        out: list[Optional[KVHandoff]] = [None] * len(requests)
+        for group in length_groups([r.input_ids.numel() for r in requests]):
+            handoffs = await asyncio.to_thread(self.runner.prefill, [requests[i] for i in group])
+            for i, h in zip(group, handoffs):
+                out[i] = h
+        self.busy_s += time.perf_counter() - t0
+        self.batches += 1
+        self.prompts += len(requests)
+        self.tokens += sum(r.input_ids.numel() - 1 for r in requests)
+        self.handoff_bytes += sum(h.nbytes for h in out)
+        return out
+
+    def stats(self) -> dict:
+        r = self.runner
+        return {"prompts": self.prompts, "batches": self.batches, "tokens": self.tokens,
+                "busy_seconds": self.busy_s, "in_flight": self.in_flight, "handoff_bytes": self.handoff_bytes,
+                "skipped_layers": r.k, "num_layers": r.family.num_layers, "pop_ratio": r.pop_ratio,
+                "param_bytes": r.param_bytes()}
+
+    def held_parameter_names(self) -> list[str]:
+        """For tests and operators: which weights this replica really holds."""
+        return [n for n, _ in self.runner.text.named_parameters()]
+
+    def ready(self) -> bool:
+        return True

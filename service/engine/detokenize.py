@@ -1,0 +1,38 @@
+"""Incremental detokenization with stop strings, at the ingress (which holds the tokenizer)."""
+from __future__ import annotations
+
+
+class Detokenizer:
+    """Feeds token ids, returns the new printable text. Holds back text that may still become
+    a stop string or an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.ids: list[int] = []
+        self.text = ""  # decoded so far
+        self.sent = 0  # characters already returned
+        self.stopped = False
+
+    def feed(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more
+            return ""
+        self.text = text
+        for s in self.stop:
+            at = self.text.find(s, max(0, self.sent - len(s)))
+            if at != -1:
+                self.stopped = True
+                self.text = self.text[:at]
+                return self._emit(len(self.text))
+        hold = max((len(s) - 1 for s in self.stop), default=0)
+        return self._emit(max(self.sent, len(self.text) - hold))
+
+    def flush(self) -> str:
+        return self._emit(len(self.text))
+
+    def _emit(self, upto: int) -> str:
+        out = self.text[self.sent:upto]
+        self.sent = max(self.sent, upto)
+        return out

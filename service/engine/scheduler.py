@@ -1,0 +1,148 @@
+"""Continuous batching for one decode replica.
+
+The scheduler decides, the runner (models.decoder.FullDecoder) executes: requests wait in a
+bounded queue, join the running batch between two steps when a slot and KV room are free, and
+leave when finished or aborted (client gone). One asyncio task owns the decoder, so adds, removes
+and steps never race; the step itself runs in a worker thread to keep the event loop answering.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
+
+from popserve.models.decoder import FullDecoder
+from popserve.models.kv import HandoffMismatch, KVHandoff
+from popserve.models.sampling import SamplingParams
+
+from ..errors import BadRequest, Overloaded, ServeError
+
+
+@dataclass
+class _Request:
+    handoff: KVHandoff
+    params: SamplingParams
+    out: asyncio.Queue
+    seq_id: Optional[int] = None
+    cancelled: bool = False
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class DecodeScheduler:
+    def __init__(self, decoder: FullDecoder, stop_token_ids: tuple[int, ...], max_waiting: int):
+        self.decoder = decoder
+        self.stop_token_ids = stop_token_ids
+        self.max_waiting = max_waiting
+        self.waiting: collections.deque[_Request] = collections.deque()
+        self.active: dict[int, _Request] = {}
+        self._wake = asyncio.Event()
+        self._task: Optional[asyncio.Task] = None
+        self.steps = 0
+        self.tokens_out = 0
+        self.handoff_bytes = 0
+        self.handoff_seconds = 0.0  # prefill finished -> KV in this replica's pool
+        self.handoffs = 0
+
+    # ---- API for the deployment ------------------------------------------------------------
+    async def generate(self, handoff: KVHandoff, params: SamplingParams) -> AsyncIterator[list]:
+        """Yields lists of (token_id, finish_reason) as steps produce them."""
+        dec = self.decoder
+        fam = dec.family
+        try:
+            handoff.check(dec.accepted, fam.num_layers, fam.num_kv_heads, fam.head_dim, dec.dtype)
+        except HandoffMismatch as exc:
+            raise ServeError(str(exc), code="handoff_mismatch") from None
+        if handoff.num_tokens + 1 + params.max_new_tokens > dec.max_seq_len:
+            raise BadRequest(f"prompt ({handoff.prompt_tokens} tokens) + max_tokens ({params.max_new_tokens}) "
+                             f"exceeds the context length {dec.max_seq_len}", param="max_tokens",
+                             code="context_length_exceeded")
+        if len(self.waiting) >= self.max_waiting and not dec.can_admit(handoff.num_tokens, params.max_new_tokens):
+            raise Overloaded(f"decode is full: {dec.num_running} running, {len(self.waiting)} waiting")
+        req = _Request(handoff, params, asyncio.Queue())
+        self.waiting.append(req)
+        self._ensure_loop()
+        finished = False
+        try:
+            while not finished:
+                items = [await req.out.get()]
+                while not req.out.empty():
+                    items.append(req.out.get_nowait())
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                finished = items[-1][1] is not None
+                yield items
+        finally:
+            if not finished:  # client went away or an error: free the slot at the next step
+                req.cancelled = True
+                self._wake.set()
+
+    def stats(self) -> dict:
+        return {
+            "running": self.decoder.num_running, "waiting": len(self.waiting),
+            "kv_bytes_in_use": self.decoder.kv_bytes_in_use, "kv_pool_bytes": self.decoder.kv_pool_bytes,
+            "steps": self.steps, "tokens_out": self.tokens_out, "handoffs": self.handoffs,
+            "handoff_bytes": self.handoff_bytes, "handoff_seconds": self.handoff_seconds,
+        }
+
+    # ---- the loop --------------------------------------------------------------------------
+    def _ensure_loop(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._wake.set()
+
+    def _drop_cancelled(self) -> None:
+        for seq_id, req in list(self.active.items()):
+            if req.cancelled:
+                self.decoder.remove(seq_id)
+                del self.active[seq_id]
+        self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
+
+    def _admit(self) -> None:
+        while self.waiting:
+            req = self.waiting[0]
+            if not self.decoder.can_admit(req.handoff.num_tokens, req.params.max_new_tokens):
+                break
+            self.waiting.popleft()
+            try:
+                req.seq_id = self.decoder.add(req.handoff, req.params, self.stop_token_ids)
+            except Exception as exc:  # a bad handoff fails its own request only
+                req.out.put_nowait(exc)
+                continue
+            self.handoffs += 1
+            self.handoff_bytes += req.handoff.nbytes
+            self.handoff_seconds += max(0.0, time.time() - req.handoff.created_at)
+            req.handoff = None  # the pool holds the KV now; let the shared-memory buffer go
+            self.active[req.seq_id] = req
+
+    async def _loop(self) -> None:
+        while True:
+            self._drop_cancelled()
+            self._admit()
+            if not self.active:
+                self._wake.clear()
+                if not self.waiting:
+                    await self._wake.wait()
+                else:  # waiting but nothing can run: cannot happen with an empty decoder
+                    await asyncio.sleep(0.001)
+                continue
+            try:
+                outputs = await asyncio.to_thread(self.decoder.step)
+            except Exception as exc:  # fail every running request, keep the replica alive
+                for seq_id, req in list(self.active.items()):
+                    req.out.put_nowait(ServeError(f"decode step failed: {exc}"))
+                    self.decoder.remove(seq_id)
+                self.active.clear()
+                continue
+            self.steps += 1
+            for out in outputs:
+                req = self.active.get(out.seq_id)
+                if req is None:
+                    continue
+                self.tokens_out += 1
+                req.out.put_nowait((out.token, out.finish_reason))
+                if out.finish_reason:
+                    del self.active[out.seq_id]
+            await asyncio.sleep(0)  # let arrivals and cancellations in between steps

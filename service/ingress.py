@@ -1,0 +1,313 @@
+"""Ingress deployment: the OpenAI-compatible HTTP API (FastAPI inside Ray Serve).
+
+It validates, loads images, applies the chat template, then wires the stages together by
+reference: encoder features and the KV handoff travel replica to replica through Ray's object
+store as DeploymentResponses; this process only ever sees token ids coming back.
+"""
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+
+from popserve.models.prompt import PromptBuilder
+
+from .config import ServeConfig
+from .engine.detokenize import Detokenizer
+from .errors import BadRequest, NotFound, PayloadTooLarge, ServeError, Unauthorized, from_exception
+from .media import load_image
+from .metrics import Metrics
+from .protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta,
+                       ModelCard, ModelList, ResponseMessage, Usage)
+
+logger = logging.getLogger("ray.serve")
+app = FastAPI(title="popserve", description="OpenAI-compatible chat completions with POP prefill")
+
+
+def _request_id() -> str:
+    """Serve gives every request an id (the client's x-request-id header when sent) and echoes
+    it in the response's x-request-id header; logs carry it too."""
+    from ray.serve.context import _get_serve_request_context
+
+    return _get_serve_request_context().request_id or uuid.uuid4().hex
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, cfg: dict, encoder, prefill, prefill_full, decode):
+        self.cfg = ServeConfig.model_validate(cfg)
+        self.encoder, self.prefill, self.prefill_full, self.decode = encoder, prefill, prefill_full, decode
+        self.builder = PromptBuilder(self.cfg.model)
+        self.model_name = self.cfg.model_name()
+        text_cfg = self.builder.family.text_config
+        self.max_context = min(self.cfg.engine.max_seq_len, text_cfg.max_position_embeddings,
+                               self.cfg.limits.max_prompt_tokens or 1 << 30)
+        self.metrics = Metrics()
+        self.created = int(time.time())
+
+    # ---- cross-cutting ---------------------------------------------------------------------
+    def authorize(self, request: Request) -> None:
+        """API keys (if configured) guard the API. /health stays open for probes; /metrics is
+        open unless protect_metrics is set (see docs/reliability.md)."""
+        keys = self.cfg.api_keys
+        path = request.url.path
+        if not keys or path == "/health" or (path == "/metrics" and not self.cfg.protect_metrics):
+            return
+        auth = request.headers.get("authorization", "")
+        token = auth[7:] if auth.lower().startswith("bearer ") else ""
+        # Compare against every key in constant time; never short-circuit on the first match.
+        ok = False
+        for key in keys:
+            ok |= hmac.compare_digest(token.encode(), key.encode())
+        if not ok:
+            raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key>)", code="invalid_api_key")
+
+    def error_response(self, exc: ServeError, rid: str) -> JSONResponse:
+        self.metrics.errors.labels(str(exc.status), exc.code or exc.type).inc()
+        self.metrics.requests.labels(str(exc.status)).inc()
+        headers = {}
+        if exc.retry_after is not None:
+            headers["retry-after"] = str(max(1, round(exc.retry_after)))
+        if exc.status >= 500:
+            logger.error("request %s failed: %s", rid, exc.message)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    # ---- routes ----------------------------------------------------------------------------
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        try:
+            self.authorize(request)
+        except ServeError as exc:
+            return self.error_response(exc, _request_id())
+        return ModelList(data=[ModelCard(id=self.model_name, created=self.created)])
+
+    @app.get("/health")
+    async def health(self):
+        stages = {"encoder": self.encoder, "prefill": self.prefill, "decode": self.decode}
+        if self.prefill_full is not None:
+            stages["prefill_full"] = self.prefill_full
+        results = await asyncio.gather(
+            *(asyncio.wait_for(h.ready.remote(), timeout=5.0) for h in stages.values()), return_exceptions=True)
+        status = {name: r is True for name, r in zip(stages, results)}
+        code = 200 if all(status.values()) else 503
+        return JSONResponse({"status": "ok" if code == 200 else "unavailable", "stages": status}, status_code=code)
+
+    @app.get("/metrics")
+    async def metrics(self, request: Request):
+        try:
+            self.authorize(request)
+        except ServeError as exc:
+            return self.error_response(exc, _request_id())
+        stats = await self.stage_stats()
+        self.metrics.refresh(stats)
+        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def stage_stats(self) -> dict:
+        stages = {"encoder": self.encoder, "prefill": self.prefill, "decode": self.decode}
+        if self.prefill_full is not None:
+            stages["prefill_full"] = self.prefill_full
+        res = await asyncio.gather(*(asyncio.wait_for(h.stats.remote(), 5.0) for h in stages.values()),
+                                   return_exceptions=True)
+        return {k: v for k, v in zip(stages, res) if isinstance(v, dict)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        rid = _request_id()
+        t0 = time.perf_counter()
+        try:
+            self.authorize(request)
+            req = await self._parse(request)
+            prepared = await self._prepare(req)
+        except ServeError as exc:
+            return self.error_response(exc, rid)
+        except Exception as exc:  # a bug, not the client's fault
+            logger.exception("request %s: unexpected error while preparing", rid)
+            return self.error_response(from_exception(exc), rid)
+        stream = self._launch(req, prepared)
+        if req.stream:
+            return StreamingResponse(self._sse(req, prepared, stream, rid, t0), media_type="text/event-stream",
+                                     headers={"cache-control": "no-cache"})
+        try:
+            return await self._complete(req, prepared, stream, rid, t0)
+        except ServeError as exc:
+            return self.error_response(exc, rid)
+        except Exception as exc:
+            logger.exception("request %s failed", rid)
+            return self.error_response(from_exception(exc), rid)
+
+    # ---- request handling ------------------------------------------------------------------
+    async def _parse(self, request: Request) -> ChatCompletionRequest:
+        cap = self.cfg.limits.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > cap:
+            raise PayloadTooLarge(f"request body of {declared} bytes exceeds {cap}", code="request_too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > cap:
+                raise PayloadTooLarge(f"request body exceeds {cap} bytes", code="request_too_large")
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise BadRequest("request body must be a JSON object", code="invalid_json")
+        try:
+            req = ChatCompletionRequest.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            raise BadRequest(f"{loc}: {err['msg']}", param=loc or None, code="invalid_value") from None
+        if req.model != self.model_name:
+            raise NotFound(f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+        if not req.pop and self.prefill_full is None:
+            raise BadRequest("pop=false is disabled on this server (pop_off_prefill: false)", param="pop")
+        return req
+
+    async def _prepare(self, req: ChatCompletionRequest) -> dict:
+        lim = self.cfg.limits
+        urls, messages = [], []
+        for m in req.messages:
+            if isinstance(m.content, str):
+                messages.append({"role": m.role, "content": m.content})
+                continue
+            parts = []
+            for p in m.content:
+                if p.type == "text":
+                    parts.append({"type": "text", "text": p.text})
+                else:
+                    urls.append(p.image_url.url)
+                    parts.append({"type": "image"})
+            messages.append({"role": m.role, "content": parts})
+        if len(urls) > lim.max_images_per_request:
+            raise BadRequest(f"{len(urls)} images; at most {lim.max_images_per_request} per request",
+                             param="messages", code="too_many_images")
+        images = await asyncio.gather(*(load_image(u, self.cfg.media, lim) for u in urls))
+        try:
+            prompt = await asyncio.to_thread(self.builder.build, messages, [i.image for i in images])
+        except (ValueError, TypeError) as exc:
+            raise BadRequest(f"cannot build the prompt: {exc}", param="messages") from None
+        n = prompt.num_tokens
+        if n + 1 > self.max_context:
+            raise BadRequest(f"prompt is {n} tokens; the context length is {self.max_context}",
+                             param="messages", code="context_length_exceeded")
+        asked = req.requested_max_tokens()
+        if asked is not None and asked > lim.max_tokens_limit:
+            raise BadRequest(f"max_tokens {asked} exceeds this server's limit {lim.max_tokens_limit}",
+                             param="max_tokens", code="invalid_value")
+        max_tokens = asked or min(lim.max_tokens_default, self.max_context - n)
+        if n + max_tokens > self.max_context:
+            raise BadRequest(f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds the context length "
+                             f"{self.max_context}", param="max_tokens", code="context_length_exceeded")
+        params = {"max_new_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
+                  "top_k": req.top_k, "seed": req.seed}
+        return {"prompt": prompt, "digests": [i.digest for i in images], "params": params}
+
+    def _launch(self, req: ChatCompletionRequest, prepared: dict):
+        """Wire the stages by reference; nothing big comes back through this process."""
+        prompt = prepared["prompt"]
+        features = None
+        if prompt.pixels:
+            features = self.encoder.encode.remote(list(zip(prepared["digests"], prompt.pixels)))
+        prefill = self.prefill if req.pop else self.prefill_full
+        handoff = prefill.prefill.remote(prompt.input_ids, prompt.mm_token_type_ids, features)
+        return self.decode.options(stream=True).generate.remote(handoff, prepared["params"])
+
+    async def _tokens(self, stream, req, prepared, rid, t0) -> AsyncIterator[tuple[int, Optional[str]]]:
+        """Token ids from decode, with TTFT / ITL metrics and a per-token timeout."""
+        timeout = self.cfg.limits.request_timeout_s
+        first, last = True, None
+        self.metrics.in_flight.inc()
+        try:
+            while True:
+                try:
+                    items = await asyncio.wait_for(stream.__anext__(), timeout)
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise from_exception(TimeoutError()) from None
+                except ServeError:
+                    raise
+                except Exception as exc:
+                    raise from_exception(exc) from None
+                now = time.perf_counter()
+                if first:
+                    self.metrics.ttft.labels(str(req.pop).lower()).observe(now - t0)
+                    first = False
+                elif last is not None:
+                    self.metrics.itl.observe((now - last) / len(items))
+                last = now
+                for item in items:
+                    yield item
+        finally:
+            self.metrics.in_flight.dec()
+            stream.cancel()  # no-op when finished; frees the decode slot when the client left
+
+    def _finish_metrics(self, prepared, completion_tokens, t0, code="200"):
+        self.metrics.requests.labels(code).inc()
+        self.metrics.e2e.observe(time.perf_counter() - t0)
+        self.metrics.prompt_tokens.inc(prepared["prompt"].num_tokens)
+        self.metrics.completion_tokens.inc(completion_tokens)
+
+    async def _complete(self, req, prepared, stream, rid, t0) -> JSONResponse:
+        detok = Detokenizer(self.builder.tokenizer, req.stop)
+        reason, count = None, 0
+        async for tok, fin in self._tokens(stream, req, prepared, rid, t0):
+            count += 1
+            detok.feed(tok)
+            reason = "stop" if detok.stopped else fin
+            if reason:
+                break
+        n = prepared["prompt"].num_tokens
+        self._finish_metrics(prepared, count, t0)
+        body = ChatCompletion(
+            id=f"chatcmpl-{rid}", created=int(time.time()), model=self.model_name,
+            choices=[Choice(message=ResponseMessage(content=detok.text), finish_reason=reason or "length")],
+            usage=Usage(prompt_tokens=n, completion_tokens=count, total_tokens=n + count),
+        )
+        return JSONResponse(body.model_dump())
+
+    async def _sse(self, req, prepared, stream, rid, t0) -> AsyncIterator[str]:
+        created, cid = int(time.time()), f"chatcmpl-{rid}"
+
+        def chunk(delta: Delta, reason=None, usage=None, choices=True) -> str:
+            c = ChatCompletionChunk(id=cid, created=created, model=self.model_name, usage=usage,
+                                    choices=[ChunkChoice(delta=delta, finish_reason=reason)] if choices else [])
+            return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
+
+        detok = Detokenizer(self.builder.tokenizer, req.stop)
+        reason, count = None, 0
+        yield chunk(Delta(role="assistant", content=""))
+        try:
+            async for tok, fin in self._tokens(stream, req, prepared, rid, t0):
+                count += 1
+                text = detok.feed(tok)
+                reason = "stop" if detok.stopped else fin
+                if reason:
+                    text += detok.flush()
+                if text:
+                    yield chunk(Delta(content=text))
+                if reason:
+                    break
+        except ServeError as exc:  # mid-stream failure: an error event, and no [DONE]
+            self.metrics.errors.labels(str(exc.status), exc.code or exc.type).inc()
+            self.metrics.requests.labels(str(exc.status)).inc()
+            yield f"data: {json.dumps(exc.body())}\n\n"
+            return
+        n = prepared["prompt"].num_tokens
+        self._finish_metrics(prepared, count, t0)
+        yield chunk(Delta(), reason=reason or "length")
+        if req.stream_options and req.stream_options.include_usage:
+            yield chunk(Delta(), usage=Usage(prompt_tokens=n, completion_tokens=count, total_tokens=n + count),
+                        choices=False)
+        yield "data: [DONE]\n\n"
