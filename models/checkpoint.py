@@ -59,17 +59,21 @@ def read_config(model_dir: Path) -> dict:
     if not cfg_path.exists():
         raise CheckpointError(f"{model_dir} has no config.json: not a transformers checkpoint")
     try:
-        return json.loads(cfg_path.read_text())
+        config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg_path} is not a JSON object (got {type(config).__name__})")
+    return config
 
 
 def detect_family(model: str | os.PathLike) -> str:
-    config = read_config(resolve_model_dir(model))
+    model_dir = resolve_model_dir(model)
+    config = read_config(model_dir)
     model_type = config.get("model_type")
     if model_type not in _MODEL_TYPE_TO_FAMILY:
         raise CheckpointError(
-            f"unsupported model_type {model_type!r} in config.json; popserve serves "
+            f"{model_dir}: unsupported model_type {model_type!r} in config.json; popserve serves "
             "Qwen3-VL (qwen3_vl) and Gemma-3 (gemma3) image-text checkpoints"
         )
     return _MODEL_TYPE_TO_FAMILY[model_type]
@@ -103,15 +107,42 @@ def _check_safetensors_header(path: Path) -> None:
         raise CheckpointError(f"{path} is truncated: header promises {end} data bytes")
 
 
-def model_fingerprint(model_dir: Path) -> str:
-    """Identity of a checkpoint: its config and the names, sizes and headers of its weight files.
+_SAMPLE = 4096  # bytes hashed at the start, middle and end of every tensor
 
-    Cheap (no weight bytes hashed) yet distinct for different models or re-trained weights."""
+
+def _sample_ranges(path: Path) -> list[tuple[int, int]]:
+    """Byte ranges of a weight file that identify its contents: the whole safetensors header plus
+    a few KiB of every tensor (a re-trained tensor differs there), or for other formats the first
+    64 KiB and evenly spaced windows."""
+    size = path.stat().st_size
+    if path.suffix != ".safetensors":
+        step = max(size // 16, 1)
+        return [(0, min(size, 1 << 16))] + [(o, min(size, o + _SAMPLE)) for o in range(0, size, step)]
+    with path.open("rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    base, ranges = 8 + n, [(0, 8 + n)]
+    for name in sorted(k for k in header if k != "__metadata__"):
+        a, b = (base + o for o in header[name]["data_offsets"])
+        for start in (a, (a + b - _SAMPLE) // 2, b - _SAMPLE):
+            start = max(a, start)
+            ranges.append((start, min(b, start + _SAMPLE)))
+    return ranges
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Identity of a checkpoint: its config, the names, sizes and headers of its weight files, and
+    a sample of every tensor's bytes.
+
+    Cheap (a few KiB per tensor are read) yet distinct for different models or re-trained weights
+    of the same architecture (hashing only the first 64 KiB of a file missed those)."""
     h = hashlib.sha256()
     h.update(json.dumps(read_config(model_dir), sort_keys=True).encode())
     for f in check_weights(model_dir):
         h.update(f.name.encode())
         h.update(str(f.stat().st_size).encode())
         with f.open("rb") as fh:
-            h.update(fh.read(1 << 16))
+            for start, end in _sample_ranges(f):
+                fh.seek(start)
+                h.update(fh.read(end - start))
     return h.hexdigest()[:16]

@@ -83,16 +83,17 @@ def decode(dec: FullDecoder, handoff, steps: int, stop_token_ids=(), forced: Opt
 
 # ---- metrics ---------------------------------------------------------------------------------
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """The one way every variant's logits become log-probs (so full vs full is exactly 0)."""
-    return torch.log_softmax(logits.float().cpu(), -1)
+    """The one way every variant's logits become log-probs: float64, since float32 log-probs alone
+    put a floor of ~1e-7 under KL (full vs full is exactly 0 this way)."""
+    return torch.log_softmax(logits.double().cpu(), -1)
 
 
-def kl_full_variant(ref_logp: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean over steps of KL(full || variant); ref_logp: the full model's log-probs [M, V]."""
-    m = ref_logp.shape[0]
+def kl_full_variant(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over steps of KL(full || variant); ref_logits: the full model's logits [M, V]."""
+    m = ref_logits.shape[0]
     if m == 0:
         return 0.0
-    p, q = ref_logp.double(), log_probs(logits[:m]).double()
+    p, q = log_probs(ref_logits), log_probs(logits[:m])
     return float((p.exp() * (p - q)).sum(-1).clamp_min(0).mean())
 
 
@@ -103,7 +104,7 @@ def is_correct(text: str, answer: str) -> bool:
 @dataclass
 class Reference:
     tokens: list[int]
-    logp: torch.Tensor  # [M, V] log-probs of the full model over its first M steps, cpu float32
+    logits: torch.Tensor  # [M, V] the full model's logits of its first M steps, cpu float32
     text: str
 
 
@@ -123,7 +124,7 @@ class Tally:
             answer: Optional[str]) -> None:
         self.first.append(bool(tokens) and bool(ref.tokens) and tokens[0] == ref.tokens[0])
         self.exact.append(tokens == ref.tokens)
-        self.kl.append(kl_full_variant(ref.logp, forced_logits))
+        self.kl.append(kl_full_variant(ref.logits, forced_logits))
         if answer is not None:
             self.correct.append(is_correct(text, answer))
         self.texts.append(text)
@@ -145,7 +146,8 @@ class EvalRow:
 
 def evaluate(model, rows, ratios: list[float], max_new_tokens: int = 16, kl_steps: int = 8,
              dtype: str = "float32", device: str = "cpu", progress=None) -> dict:
-    """rows: ChatRow-like (messages, images, answer). Returns the results dict (results.json)."""
+    """rows: ChatRow-like (messages, images, answer). Returns the results dict (results.json).
+    progress: a tqdm bar (or None), advanced once per prompt per phase: prepare, full, each ratio."""
     from .prompt import PromptBuilder
 
     builder = PromptBuilder(model)
@@ -153,18 +155,20 @@ def evaluate(model, rows, ratios: list[float], max_new_tokens: int = 16, kl_step
     L, eos, tok = lm.num_layers, builder.eos_token_ids, builder.tokenizer
     text_of = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
 
+    def tick(phase: str):
+        if progress is not None:
+            progress.set_postfix_str(phase, refresh=False)
+            progress.update(1)
+
     data: list[EvalRow] = []
     for row in rows:
         pr = builder.build(row.messages, row.images)
         gp = lm.prepare(pr.input_ids, pr.mm_token_type_ids, pr.pixels)
         gp.images = [type(f)(f.data.cpu(), f.grid_thw) for f in gp.images]  # held for every variant
         data.append(EvalRow(gp, PrefillRequest(pr.input_ids, pr.mm_token_type_ids, gp.images), row.answer))
+        tick("prepare")
     max_len = max(r.prompt.num_tokens for r in data) + max_new_tokens + 2
     dec = FullDecoder(model, 0.0, dtype, device, max_seqs=1, max_seq_len=max_len)
-
-    def tick():
-        if progress is not None:
-            progress.update(1)
 
     # The full model, through the production runners at k = 0.
     refs: list[Reference] = []
@@ -174,10 +178,10 @@ def evaluate(model, rows, ratios: list[float], max_new_tokens: int = 16, kl_step
         for r in data:
             tokens, logits = decode(dec, pre.prefill([r.request])[0], max_new_tokens, eos)
             m = min(kl_steps, len(tokens))
-            ref = Reference(tokens, log_probs(logits[:m]), text_of(tokens))
+            ref = Reference(tokens, logits[:m].float().cpu(), text_of(tokens))
             refs.append(ref)
             full.add(ref, tokens, logits, ref.text, r.answer)
-            tick()
+            tick("full")
     del pre
     tallies = [full]
     engine_check = {}
@@ -189,7 +193,7 @@ def evaluate(model, rows, ratios: list[float], max_new_tokens: int = 16, kl_step
         worst = 0.0
         with torch.inference_mode():
             for r, ref in zip(data, refs):
-                forced = ref.tokens[: ref.logp.shape[0]]  # the full model's first M tokens (M >= 1)
+                forced = ref.tokens[: ref.logits.shape[0]]  # the full model's first M tokens (M >= 1)
                 handoff = pre.prefill([r.request])[0]
                 tokens, _ = decode(dec, handoff, max_new_tokens, eos)
                 _, tf = decode(dec, handoff, len(forced), forced=forced)
@@ -201,7 +205,7 @@ def evaluate(model, rows, ratios: list[float], max_new_tokens: int = 16, kl_step
                 for kind, gates in ablation_gates(L, k).items():
                     res = lm.run(r.prompt, gates, max_new_tokens, eos, forced=forced)
                     mine[kind].add(ref, res.tokens, res.forced_logits, text_of(res.tokens), r.answer)
-                tick()
+                tick(f"ratio {ratio:g}")
         engine_check[f"{ratio:g}"] = worst
         tallies.extend(mine.values())
         del pre
@@ -324,7 +328,8 @@ def run_eval_cli(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    bar = tqdm(total=len(rows) * (1 + len(ratios)), desc="eval", unit="prompt", dynamic_ncols=True)
+    # one tick per prompt: preparing it, the full model, then each ratio (POP + its ablations)
+    bar = tqdm(total=len(rows) * (2 + len(ratios)), desc="eval", unit="prompt", dynamic_ncols=True)
     try:
         res = evaluate(args.model, rows, ratios, args.max_new_tokens, args.kl_steps, args.dtype,
                        _device(args.device), progress=bar)

@@ -158,8 +158,7 @@ class GatedLM:
                 images: Optional[list[ImageFeatures]] = None) -> GatedPrompt:
         """Token ids + pixels (PromptBuilder output) or already-encoded images -> GatedPrompt."""
         if images is None:
-            images = ([ImageFeatures(f.data, f.grid_thw) for f in self.family.encode_pixels(self.vision, list(pixels))]
-                      if pixels else [])
+            images = self.family.encode_pixels(self.vision, list(pixels)) if pixels else []
         grids = [f.grid_thw for f in images if f.grid_thw is not None]
         pos, delta = self.family.positions(input_ids, mm_token_type_ids, grids)
         return GatedPrompt(input_ids.cpu(), images, mm_token_type_ids, pos, delta)
@@ -261,7 +260,8 @@ class GatedLM:
 
     def gate_gradients(self, p: GatedPrompt, response: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """dLoss/dg_pre, dLoss/dg_dec [L] at all gates 1."""
-        ones = lambda: torch.ones(self.num_layers, device=self.device, requires_grad=True)  # noqa: E731
+        dt = torch.float64 if self.dtype == torch.float64 else torch.float32
+        ones = lambda: torch.ones(self.num_layers, dtype=dt, device=self.device, requires_grad=True)  # noqa: E731
         gates = Gates(ones(), ones())
         with torch.enable_grad():
             loss = self.response_loss(p, response, gates)

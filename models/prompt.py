@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import read_config, resolve_model_dir
+from .checkpoint import detect_family, resolve_model_dir
 from .families import PixelInputs, family_for
 
 
@@ -29,7 +29,7 @@ class PromptBuilder:
         from transformers import AutoConfig, AutoProcessor
 
         model_dir = resolve_model_dir(model)
-        read_config(model_dir)
+        detect_family(model_dir)  # CheckpointError for a missing/corrupt config or unsupported model_type
         self.family = family_for(AutoConfig.from_pretrained(model_dir))
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.tokenizer = self.processor.tokenizer

@@ -92,7 +92,7 @@ class ServeConfig(_Strict):
     ingress: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(max_ongoing_requests=256))
     encoder: DeploymentSettings = Field(default_factory=DeploymentSettings)
     prefill: DeploymentSettings = Field(default_factory=DeploymentSettings)
-    prefill_full: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    prefill_full: Optional[DeploymentSettings] = None  # None: the same settings as prefill
     decode: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(max_ongoing_requests=128))
     engine: DecodeEngine = Field(default_factory=DecodeEngine)
     limits: Limits = Field(default_factory=Limits)

@@ -6,6 +6,7 @@ store as DeploymentResponses; this process only ever sees token ids coming back.
 """
 
 import asyncio
+import os
 import hmac
 import json
 import logging
@@ -45,6 +46,9 @@ def _request_id() -> str:
 class Ingress:
     def __init__(self, cfg: dict, encoder, prefill, prefill_full, decode):
         self.cfg = ServeConfig.model_validate(cfg)
+        # Keys may also come from the environment (e.g. a Kubernetes Secret), never logged.
+        env_keys = [k.strip() for k in os.environ.get("POPSERVE_API_KEYS", "").split(",") if k.strip()]
+        self.cfg.api_keys = list(self.cfg.api_keys) + env_keys
         self.encoder, self.prefill, self.prefill_full, self.decode = encoder, prefill, prefill_full, decode
         self.builder = PromptBuilder(self.cfg.model)
         self.model_name = self.cfg.model_name()

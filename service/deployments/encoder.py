@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import collections
 import time
 
@@ -74,11 +75,11 @@ class VisionEncoderStage:
         self.batches += 1
         return feats
 
-    def stats(self) -> dict:
+    def stats(self) -> dict:  # "pid": operators (and tests) can tell replicas apart
         return {"images": self.images, "batches": self.batches, "busy_seconds": self.busy_s,
                 "cache_hits": self.cache.hits, "cache_misses": self.cache.misses,
                 "cache_bytes": self.cache.bytes, "param_bytes": self.runner.param_bytes(),
-                "in_flight": self.in_flight}
+                "in_flight": self.in_flight, "pid": os.getpid()}
 
     def ready(self) -> bool:
         return True

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Optional
 
@@ -69,12 +70,12 @@ class PrefillStage:
         self.handoff_bytes += sum(h.nbytes for h in out)
         return out
 
-    def stats(self) -> dict:
+    def stats(self) -> dict:  # "pid": operators (and tests) can tell replicas apart
         r = self.runner
         return {"prompts": self.prompts, "batches": self.batches, "tokens": self.tokens,
                 "busy_seconds": self.busy_s, "in_flight": self.in_flight, "handoff_bytes": self.handoff_bytes,
                 "skipped_layers": r.k, "num_layers": r.family.num_layers, "pop_ratio": r.pop_ratio,
-                "param_bytes": r.param_bytes()}
+                "param_bytes": r.param_bytes(), "pid": os.getpid()}
 
     def held_parameter_names(self) -> list[str]:
         """For tests and operators: which weights this replica really holds."""

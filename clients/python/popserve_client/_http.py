@@ -13,7 +13,12 @@ from typing import Any, Optional
 import httpx
 
 from ._retry import NO_RETRY, RetryBudget, RetryPolicy
-from .errors import APIConnectionError, APITimeoutError, error_from_response
+from .errors import (
+    APIConnectionError,
+    APITimeoutError,
+    PopserveError,
+    error_from_response,
+)
 
 log = logging.getLogger("popserve_client")
 
@@ -53,6 +58,7 @@ class SyncTransport:
         budget = RetryBudget(self.retry if retry else NO_RETRY)
         while True:
             request = self.client.build_request(method, path, json=json)
+            error: PopserveError
             cause: Optional[BaseException] = None
             try:
                 response = self.client.send(request, stream=stream)
@@ -87,6 +93,7 @@ class AsyncTransport:
         budget = RetryBudget(self.retry if retry else NO_RETRY)
         while True:
             request = self.client.build_request(method, path, json=json)
+            error: PopserveError
             cause: Optional[BaseException] = None
             try:
                 response = await self.client.send(request, stream=stream)

@@ -12,9 +12,9 @@ from ._http import AsyncTransport, SyncTransport
 from ._request import Message, chat_body
 from ._retry import RetryPolicy
 from ._stream import AsyncChatStream, ChatStream
+from ._version import __version__
 from .errors import PopserveError, ServiceUnavailableError, request_id_of
 from .images import ImageSource
-from ._version import __version__
 from .types import ChatCompletion, Health, ModelList
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -27,6 +27,8 @@ _T = TypeVar("_T", bound=BaseModel)
 
 class _BaseClient:
     """Settings shared by both clients: arguments first, then the environment, then defaults."""
+
+    _transport_cls: Any  # SyncTransport or AsyncTransport
 
     def __init__(
         self,
@@ -65,10 +67,9 @@ class _BaseClient:
             self.headers["authorization"] = f"Bearer {self.api_key}"
         self.headers.update(headers or {})
         self._listed_model: Optional[str] = None
-        self._http = self._transport_cls(base_url=self.base_url, headers=self.headers, timeout=self.timeout, retry=self.retry)
-
-    _transport_cls: Any = SyncTransport
-
+        self._http = self._transport_cls(
+            base_url=self.base_url, headers=self.headers, timeout=self.timeout, retry=self.retry
+        )
     def _body(self, model: str, stream: bool, image_max_side: Optional[int], **params: Any) -> dict[str, Any]:
         max_side = image_max_side if image_max_side is not None else self.image_max_side
         return chat_body(model=model, stream=stream, image_max_side=max_side, **params)
@@ -264,7 +265,9 @@ def _parse(model_cls: type[_T], response: httpx.Response) -> _T:
     try:
         payload = response.json()
     except ValueError:
-        raise PopserveError(f"expected JSON from {response.url}, got {response.text[:200]!r}", request_id=request_id) from None
+        raise PopserveError(
+            f"expected JSON from {response.url}, got {response.text[:200]!r}", request_id=request_id
+        ) from None
     if not isinstance(payload, dict):
         raise PopserveError(f"expected a JSON object from {response.url}", request_id=request_id)
     try:

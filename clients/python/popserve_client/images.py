@@ -48,10 +48,11 @@ def image_url(source: ImageSource, max_side: Optional[int] = None) -> str:
     if max_side is not None and max_side < 1:
         raise ValueError(f"max_side must be >= 1, got {max_side}")
     if _is_pil_image(source):
-        img = source
-        if max_side is not None and max(img.size) > max_side:
-            img = _shrunk(img.copy(), max_side)  # never modify the caller's image
-        data, mime = _encode_pil(img, source.format)
+        pil: Any = source
+        img = pil
+        if max_side is not None and max(pil.size) > max_side:
+            img = _shrunk(pil.copy(), max_side)  # never modify the caller's image
+        data, mime = _encode_pil(img, pil.format)
     else:
         data, mime = _load(source)
         if max_side is not None:

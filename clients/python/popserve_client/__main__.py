@@ -1,0 +1,4 @@
+"""`python -m popserve_client "question" ...` is the popserve-chat command."""
+from .cli import main
+
+raise SystemExit(main())

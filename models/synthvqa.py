@@ -1,0 +1,303 @@
+"""SynthVQA: synthetic visual question answering about simple shapes, generated in code.
+
+Each sample is one 96x96 RGB image with 1-3 shapes (colour, shape, size, left-to-right order) and
+a question in one of several phrasings with a short (often multi-token) answer. Some questions
+need the image *and* facts stated in the text ("The red object is worth 3 points and the blue one
+5. How many points is the object on the left worth?"), so the prompt's encoding matters.
+
+Everything is a pure function of the seed: `make_dataset(n, seed)` returns the same samples on
+every machine. Training uses seed 0 (streamed), the held-out sets other seeds (see HELDOUT_SEED).
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 96
+COLORS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+    "yellow": (235, 200, 30), "purple": (150, 60, 190),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 15, "big": 27}
+NUMBERS = ["zero", "one", "two", "three", "four"]
+NAMES = ["tom", "ann", "max", "eva", "sam", "lea", "ben", "mia"]
+SLOT_WORDS = {1: ["in the middle"], 2: ["on the left", "on the right"],
+              3: ["on the left", "in the middle", "on the right"]}
+
+HELDOUT_SEED = 1234  # the held-out set of the tests and docs (50 questions)
+EVAL_SEED = 777  # the held-out set of the POP tables
+DEMO_SEED = 42
+
+
+@dataclass
+class Obj:
+    color: str
+    shape: str
+    size: str
+    x: int
+    y: int
+
+    def phrase(self) -> str:
+        return f"a {self.size} {self.color} {self.shape}"
+
+
+@dataclass
+class Sample:
+    image: Image.Image
+    question: str
+    answer: str
+    kind: str
+    objects: list[Obj] = field(default_factory=list)
+
+    def messages(self) -> list[dict]:
+        """HF-style chat messages (one image placeholder, then the question)."""
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.question}]}]
+
+    def openai_messages(self) -> list[dict]:
+        return [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(self.image)}},
+            {"type": "text", "text": self.question}]}]
+
+
+def data_url(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def normalize(text: str) -> str:
+    """The accuracy metric's normalisation: strip, lowercase, drop trailing punctuation."""
+    return text.strip().lower().rstrip(string.punctuation).strip()
+
+
+def is_correct(generated: str, answer: str) -> bool:
+    return normalize(generated) == normalize(answer)
+
+
+# ---- scenes ----------------------------------------------------------------------------------
+def _scene(rng: random.Random) -> list[Obj]:
+    n = rng.choice([1, 2, 2, 3, 3, 3])
+    colors = rng.sample(list(COLORS), n)
+    slots = sorted(rng.sample(range(3), n))  # three columns of 32 px: left-to-right order is clear
+    objs = []
+    for c, s in zip(colors, slots):
+        size = rng.choice(list(SIZES))
+        half = SIZES[size] // 2
+        jitter = max(0, 16 - half - 2)
+        x = s * 32 + 16 + rng.randint(-jitter, jitter)
+        y = rng.randint(half + 4, IMAGE_SIZE - half - 5)
+        objs.append(Obj(c, rng.choice(SHAPES), size, x, y))
+    return objs
+
+
+def render(objs: list[Obj], rng: random.Random) -> Image.Image:
+    bg = tuple(rng.randint(235, 255) for _ in range(3))
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), bg)
+    d = ImageDraw.Draw(img)
+    for o in objs:
+        r = SIZES[o.size] // 2
+        col = tuple(max(0, min(255, v + rng.randint(-15, 15))) for v in COLORS[o.color])
+        box = (o.x - r, o.y - r, o.x + r, o.y + r)
+        if o.shape == "circle":
+            d.ellipse(box, fill=col)
+        elif o.shape == "square":
+            d.rectangle(box, fill=col)
+        else:
+            d.polygon([(o.x, o.y - r), (o.x - r, o.y + r), (o.x + r, o.y + r)], fill=col)
+    return img
+
+
+# ---- questions -------------------------------------------------------------------------------
+def _q_count(rng, objs):
+    q = rng.choice(["How many shapes are there?", "How many objects are in the picture?",
+                    "Count the shapes in the image.", "How many things can you see?"])
+    return q, NUMBERS[len(objs)]
+
+
+def _q_count_shape(rng, objs):
+    shape = rng.choice(SHAPES)
+    n = sum(o.shape == shape for o in objs)
+    q = rng.choice([f"How many {shape}s are there?", f"Count the {shape}s.",
+                    f"How many {shape}s are in the image?"])
+    return q, NUMBERS[n]
+
+
+def _unique_shape(rng, objs):
+    counts = {s: sum(o.shape == s for o in objs) for s in SHAPES}
+    cands = [o for o in objs if counts[o.shape] == 1]
+    return rng.choice(cands) if cands else None
+
+
+def _q_color_of_shape(rng, objs):
+    o = _unique_shape(rng, objs)
+    if o is None:
+        return None
+    q = rng.choice([f"What color is the {o.shape}?", f"Which color does the {o.shape} have?",
+                    f"Tell me the color of the {o.shape}."])
+    return q, o.color
+
+
+def _q_shape_of_color(rng, objs):
+    o = rng.choice(objs)
+    q = rng.choice([f"What shape is the {o.color} object?", f"Which shape is {o.color}?",
+                    f"What is the shape of the {o.color} thing?"])
+    return q, o.shape
+
+
+def _q_describe_slot(rng, objs):
+    if len(objs) == 1:
+        o = objs[0]
+        q = rng.choice(["What is in the image?", "Describe the shape.", "What do you see?"])
+        return q, o.phrase()
+    i = rng.choice([0, len(objs) - 1])
+    side = "left" if i == 0 else "right"
+    q = rng.choice([f"What is on the {side}?", f"Which object is furthest to the {side}?",
+                    f"Describe the object on the {side}."])
+    return q, objs[i].phrase()
+
+
+def _q_where(rng, objs):
+    if len(objs) == 1:
+        return None
+    i = rng.randrange(len(objs))
+    o = objs[i]
+    q = rng.choice([f"Where is the {o.color} {o.shape}?", f"Where is the {o.color} shape?",
+                    f"In which part of the image is the {o.color} object?"])
+    return q, SLOT_WORDS[len(objs)][i]
+
+
+def _q_size(rng, objs):
+    o = rng.choice(objs)
+    q = rng.choice([f"Is the {o.color} {o.shape} big or small?", f"What size is the {o.color} object?",
+                    f"How big is the {o.color} {o.shape}?"])
+    return q, o.size
+
+
+def _target(rng, objs):
+    """An object picked by its place in the image (needs the image to resolve)."""
+    if len(objs) == 1:
+        return objs[0], rng.choice(["the object", "the shape", "the only shape"])
+    i = rng.randrange(len(objs))
+    ref = {0: "on the left", len(objs) - 1: "on the right"}.get(i, "in the middle")
+    return objs[i], rng.choice([f"the object {ref}", f"the shape {ref}"])
+
+
+def _q_points(rng, objs):
+    """Facts in the text + the image: which colour is where."""
+    colors = [o.color for o in objs]
+    extra = [c for c in COLORS if c not in colors]
+    named = colors + rng.sample(extra, rng.randint(0, min(1, len(extra))))
+    rng.shuffle(named)
+    values = {c: rng.randint(1, 9) for c in named}
+    facts = []
+    for j, c in enumerate(named):
+        facts.append(f"the {c} object is worth {values[c]} points" if j == 0 else
+                     rng.choice([f"the {c} one {values[c]}", f"the {c} one is worth {values[c]}"]))
+    fact = ", ".join(facts[:-1]) + (" and " if len(facts) > 1 else "") + facts[-1]
+    fact = fact[0].upper() + fact[1:] + "."
+    o, ref = _target(rng, objs)
+    q = rng.choice([f"How many points is {ref} worth?", f"What is {ref} worth?",
+                    f"How many points does {ref} give?"])
+    return f"{fact} {q}", f"{values[o.color]} points"
+
+
+def _q_owner(rng, objs):
+    """Facts in the text + the image: owners by shape or colour, asked by place."""
+    by = rng.choice(["shape", "color"])
+    if by == "shape" and len({o.shape for o in objs}) == len(objs):
+        keys = [o.shape for o in objs]
+    else:
+        keys = [o.color for o in objs]
+    names = rng.sample(NAMES, len(keys))
+    owner = dict(zip(keys, names))
+    order = list(keys)
+    rng.shuffle(order)
+    facts = [f"{owner[k].capitalize()} owns the {k}" + ("" if k in SHAPES else " one") for k in order]
+    fact = ", ".join(facts[:-1]) + (" and " if len(facts) > 1 else "") + facts[-1] + "."
+    o, ref = _target(rng, objs)
+    key = o.shape if keys[0] in SHAPES else o.color
+    q = rng.choice([f"Who owns {ref}?", f"Whose is {ref}?", f"Who is the owner of {ref}?"])
+    return f"{fact} {q}", owner[key]
+
+
+QUESTION_KINDS = {
+    "count": _q_count, "count_shape": _q_count_shape, "color": _q_color_of_shape,
+    "shape": _q_shape_of_color, "describe": _q_describe_slot, "where": _q_where, "size": _q_size,
+    "points": _q_points, "owner": _q_owner,
+}
+# Context questions (text facts + image) are weighted up: they are the hardest and the ones where
+# encoding the prompt well matters.
+WEIGHTS = {"count": 1, "count_shape": 1, "color": 1, "shape": 1, "describe": 1.5, "where": 1, "size": 1,
+           "points": 2, "owner": 2}
+
+
+def sample(rng: random.Random, kinds: tuple[str, ...] | None = None) -> Sample:
+    names = list(kinds or QUESTION_KINDS)
+    weights = [WEIGHTS[k] for k in names]
+    while True:
+        objs = _scene(rng)
+        kind = rng.choices(names, weights)[0]
+        qa = QUESTION_KINDS[kind](rng, objs)
+        if qa is not None:
+            return Sample(render(objs, rng), qa[0], qa[1], kind, objs)
+
+
+def make_dataset(n: int, seed: int) -> list[Sample]:
+    rng = random.Random(seed)
+    return [sample(rng) for _ in range(n)]
+
+
+def stream(seed: int):
+    rng = random.Random(seed)
+    while True:
+        yield sample(rng)
+
+
+def demo_sample() -> Sample:
+    """The README demo: a fixed image and a question that needs both the image and the text."""
+    rng = random.Random(DEMO_SEED)
+    while True:
+        s = sample(rng, ("points",))
+        if len(s.objects) == 3:
+            return s
+
+
+def tokenizer_corpus(n: int = 20000, seed: int = 99) -> list[str]:
+    """Text the task's tokenizer is trained on: questions and answers, plus every vocabulary word."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        objs = _scene(rng)
+        kind = rng.choice(list(QUESTION_KINDS))
+        qa = QUESTION_KINDS[kind](rng, objs)
+        if qa is not None:
+            lines += [qa[0], qa[1]]
+    words = list(COLORS) + list(SHAPES) + list(SIZES) + NUMBERS + NAMES + [n.capitalize() for n in NAMES]
+    lines += [" ".join(words)] * 50
+    lines += [str(i) for i in range(100)]
+    return lines
+
+
+def write_jsonl(path: str | Path, samples: list[Sample]) -> Path:
+    """Chat rows for `popserve eval` / `popserve importance` (images inline as data URLs)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        for s in samples:
+            fh.write(json.dumps({"messages": s.openai_messages(), "answer": s.answer, "kind": s.kind}) + "\n")
+    return path
+
+
+if __name__ == "__main__":  # a peek at the data
+    for s in make_dataset(12, 0):
+        print(f"[{s.kind}] {s.question} -> {s.answer}   ({', '.join(o.phrase() for o in s.objects)})")
+    d = demo_sample()
+    print("demo:", d.question, "->", d.answer)

@@ -1,0 +1,336 @@
+"""Train small Qwen3-VL / Gemma-3 models from scratch on SynthVQA (CPU, one thread).
+
+    popserve train --family qwen3-vl --out models/checkpoints/qwen3-vl-shapes --steps 1200
+
+The checkpoint is a normal transformers directory (config, fp32 safetensors, generation config,
+tokenizer with the family's special tokens and chat template, the family's real processor), so
+`<Family>ForConditionalGeneration.from_pretrained` / `AutoProcessor.from_pretrained` and every
+popserve stage load it. Training is teacher forcing on the chat-templated prompt + answer +
+end-of-turn token (the model's eos), with the loss on the answer tokens (and eos) only.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from . import synthvqa
+from .tiny import GEMMA_CHAT_TEMPLATE, GEMMA_SPECIALS, QWEN_CHAT_TEMPLATE, QWEN_SPECIALS
+
+END_OF_TURN = {"qwen3-vl": "<|im_end|>", "gemma3": "<end_of_turn>"}
+
+# Model shapes: a few million parameters, 12 decoder layers (POP at 1/3 skips 4).
+TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=12, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32)
+
+
+# ---- tokenizer -------------------------------------------------------------------------------
+def train_tokenizer(family: str, vocab_size: int = 384):
+    """Byte-level BPE trained on the task's text (so task words are single tokens), with the
+    family's real special tokens, eos and chat template (as in models/tiny.py)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = QWEN_SPECIALS if family == "qwen3-vl" else GEMMA_SPECIALS
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(synthvqa.tokenizer_corpus(), trainer=trainer)
+    if family == "qwen3-vl":
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+            chat_template=QWEN_CHAT_TEMPLATE,
+            extra_special_tokens={
+                "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>",
+            },
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        chat_template=GEMMA_CHAT_TEMPLATE,
+        extra_special_tokens={
+            "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>",
+        },
+    )
+
+
+# ---- configs ---------------------------------------------------------------------------------
+def qwen_config(tok, layers: int):
+    from transformers import Qwen3VLConfig
+
+    text = dict(TEXT, num_hidden_layers=layers)
+    half = text["head_dim"] // 2
+    mrope = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+    ids = tok.convert_tokens_to_ids
+    return Qwen3VLConfig(
+        text_config=dict(
+            **text, vocab_size=len(tok), max_position_embeddings=4096, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 10_000.0, "mrope_section": mrope,
+                             "mrope_interleaved": True},
+            tie_word_embeddings=False, initializer_range=0.02,
+            eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+        ),
+        vision_config=dict(depth=2, hidden_size=96, intermediate_size=256, num_heads=4,
+                           deepstack_visual_indexes=[0, 1], patch_size=16, spatial_merge_size=2,
+                           temporal_patch_size=2, in_channels=3, out_hidden_size=text["hidden_size"],
+                           num_position_embeddings=144, initializer_range=0.02),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+    )
+
+
+def gemma_config(tok, layers: int):
+    from transformers import Gemma3Config
+
+    text = dict(TEXT, num_hidden_layers=layers)
+    ids = tok.convert_tokens_to_ids
+    return Gemma3Config(
+        text_config=dict(
+            **text, vocab_size=len(tok), max_position_embeddings=4096, sliding_window=64,
+            query_pre_attn_scalar=text["head_dim"], rms_norm_eps=1e-6,
+            layer_types=["full_attention" if (i + 1) % 6 == 0 or i == layers - 1 else "sliding_attention"
+                         for i in range(layers)],
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+            tie_word_embeddings=False, initializer_range=0.02, pad_token_id=ids("<pad>"),
+            bos_token_id=ids("<bos>"), eos_token_id=[ids("<eos>"), ids("<end_of_turn>")],
+        ),
+        vision_config=dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=64, patch_size=8, model_type="siglip_vision_model", layer_norm_eps=1e-6),
+        mm_tokens_per_image=16,
+        boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
+        image_token_index=ids("<image_soft_token>"), tie_word_embeddings=False,
+        pad_token_id=ids("<pad>"), bos_token_id=ids("<bos>"), eos_token_id=[ids("<eos>"), ids("<end_of_turn>")],
+    )
+
+
+def make_processor(family: str, tok, config):
+    if family == "qwen3-vl":
+        from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+        # 96x96 images stay 96x96: 6x6 patches of 16, merged 2x2 -> 9 image tokens.
+        size_cfg = {"shortest_edge": 32 * 32, "longest_edge": 96 * 96}
+        image = Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, size=size_cfg,
+                                      image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        video = Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, size=size_cfg)
+        return Qwen3VLProcessor(image_processor=image, tokenizer=tok, video_processor=video,
+                                chat_template=QWEN_CHAT_TEMPLATE)
+    from transformers import Gemma3ImageProcessor, Gemma3Processor
+
+    side = config.vision_config.image_size  # 64: 8x8 patches of 8, pooled to 16 image tokens
+    image = Gemma3ImageProcessor(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return Gemma3Processor(image_processor=image, tokenizer=tok, chat_template=GEMMA_CHAT_TEMPLATE,
+                           image_seq_length=config.mm_tokens_per_image)
+
+
+def build_model(family: str, layers: int, seed: int):
+    from transformers import Gemma3ForConditionalGeneration, Qwen3VLForConditionalGeneration
+
+    tok = train_tokenizer(family)
+    config = qwen_config(tok, layers) if family == "qwen3-vl" else gemma_config(tok, layers)
+    torch.manual_seed(seed)
+    cls = Qwen3VLForConditionalGeneration if family == "qwen3-vl" else Gemma3ForConditionalGeneration
+    model = cls(config)
+    if family == "gemma3":  # HF initialises the projector to zeros, which blocks the image's gradient
+        with torch.no_grad():
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.05)
+    return model, make_processor(family, tok, config)
+
+
+# ---- batches ---------------------------------------------------------------------------------
+def encode_sample(processor, family: str, s: synthvqa.Sample) -> dict:
+    """One sample -> prompt ids (exactly what PromptBuilder builds) + answer ids + eos."""
+    text = processor.apply_chat_template(s.messages(), add_generation_prompt=True, tokenize=False)
+    b = processor(text=[text], images=[s.image], return_tensors="pt")
+    ans = processor.tokenizer(s.answer, add_special_tokens=False)["input_ids"]
+    ans = ans + [processor.tokenizer.convert_tokens_to_ids(END_OF_TURN[family])]
+    out = {"prompt": b["input_ids"][0], "answer": torch.tensor(ans), "pixel_values": b["pixel_values"]}
+    types = b.get("mm_token_type_ids", b.get("token_type_ids"))
+    out["types"] = types[0]
+    if "image_grid_thw" in b:
+        out["grid"] = b["image_grid_thw"]
+    return out
+
+
+def collate(items: list[dict], family: str, pad_id: int) -> dict:
+    n = max(len(it["prompt"]) + len(it["answer"]) for it in items)
+    B = len(items)
+    ids = torch.full((B, n), pad_id, dtype=torch.long)
+    labels = torch.full((B, n), -100, dtype=torch.long)
+    mask = torch.zeros((B, n), dtype=torch.long)
+    types = torch.zeros((B, n), dtype=torch.long)
+    for i, it in enumerate(items):
+        p, a = it["prompt"], it["answer"]
+        ids[i, : len(p)] = p
+        ids[i, len(p): len(p) + len(a)] = a
+        labels[i, len(p): len(p) + len(a)] = a  # the loss: answer tokens and eos only
+        mask[i, : len(p) + len(a)] = 1
+        types[i, : len(p)] = it["types"]
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+             "pixel_values": torch.cat([it["pixel_values"] for it in items])}
+    if family == "qwen3-vl":
+        batch["image_grid_thw"] = torch.cat([it["grid"] for it in items])
+        batch["mm_token_type_ids"] = types
+    else:
+        batch["token_type_ids"] = types
+    return batch
+
+
+def loss_and_acc(model, batch) -> tuple[torch.Tensor, float]:
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits[:, :-1].float()
+    target = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             ignore_index=-100)
+    with torch.no_grad():  # teacher-forced exact match: every answer token (and eos) argmax-right
+        ok = (logits.argmax(-1) == target) | (target == -100)
+        acc = ok.all(-1).float().mean().item()
+    return loss, acc
+
+
+# ---- training --------------------------------------------------------------------------------
+def train(family: str, out: str | Path, steps: int, batch_size: int = 24, lr: float = 2e-3,
+          layers: int = 12, seed: int = 0, threads: int = 1, warmup: int = 60,
+          max_minutes: float = 28.0, log_every: int = 25) -> dict:
+    from tqdm import tqdm
+
+    torch.set_num_threads(threads)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    model, processor = build_model(family, layers, seed)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    pad_id = processor.tokenizer.pad_token_id
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98))
+
+    def lr_at(step):
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
+
+    data = synthvqa.stream(seed)  # the training stream; held-out sets use other seeds
+    history, t0 = [], time.time()
+    ema_loss, ema_acc = None, None
+    bar = tqdm(range(steps), desc=f"train {family}", unit="step", dynamic_ncols=True)
+    done = 0
+    for step in bar:
+        batch = collate([encode_sample(processor, family, next(data)) for _ in range(batch_size)], family, pad_id)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        loss, acc = loss_and_acc(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        done = step + 1
+        ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
+        ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
+        bar.set_postfix(loss=f"{ema_loss:.3f}", tf_acc=f"{ema_acc:.2f}", lr=f"{lr_at(step):.1e}")
+        if done % log_every == 0 or done == steps:
+            history.append(dict(step=done, loss=round(ema_loss, 4), tf_acc=round(ema_acc, 3),
+                                elapsed_s=round(time.time() - t0, 1)))
+        if (time.time() - t0) / 60 > max_minutes:
+            print(f"stopping at step {done}: time budget of {max_minutes} min reached")
+            break
+    bar.close()
+    elapsed = time.time() - t0
+    model.eval()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config.do_sample = False
+    model.generation_config.eos_token_id = sorted({processor.tokenizer.eos_token_id,
+                                                   processor.tokenizer.convert_tokens_to_ids(END_OF_TURN[family])})
+    model.generation_config.pad_token_id = pad_id
+    model.save_pretrained(out)  # fp32 safetensors
+    processor.save_pretrained(out)
+    info = dict(family=family, params=n_params, layers=layers, steps=done, planned_steps=steps,
+                batch_size=batch_size, lr=lr, seed=seed, threads=threads, train_seconds=round(elapsed, 1),
+                samples_seen=done * batch_size, history=history)
+    (out / "training.json").write_text(json.dumps(info, indent=2))
+    print(f"saved {family} ({n_params / 1e6:.2f}M params, {done} steps, {elapsed / 60:.1f} min) to {out}")
+    return info
+
+
+# ---- accuracy through the deployed code path ---------------------------------------------------
+class Answerer:
+    """PromptBuilder + VisionEncoder + PrunedPrefill(ratio) + FullDecoder: the serving path."""
+
+    def __init__(self, model_dir, pop_ratio: float = 0.0, max_new_tokens: int = 12):
+        from .decoder import FullDecoder
+        from .encoder import VisionEncoder
+        from .prefill import PrunedPrefill
+        from .prompt import PromptBuilder
+
+        self.builder = PromptBuilder(model_dir)
+        self.encoder = VisionEncoder(model_dir, dtype="float32")
+        self.prefill = PrunedPrefill(model_dir, pop_ratio, dtype="float32")
+        self.decoder = FullDecoder(model_dir, pop_ratio, dtype="float32", max_seqs=16, max_seq_len=512)
+        self.max_new_tokens = max_new_tokens
+
+    @torch.inference_mode()
+    def answer(self, samples: list[synthvqa.Sample]) -> list[str]:
+        from .prefill import PrefillRequest
+        from .sampling import SamplingParams
+
+        reqs = []
+        for s in samples:
+            p = self.builder.build(s.messages(), [s.image])
+            feats = self.encoder.encode_pixels(p.pixels)
+            reqs.append(PrefillRequest(p.input_ids, p.mm_token_type_ids, feats))
+        handoffs = self.prefill.prefill(reqs)
+        outs = self.decoder.generate(handoffs, SamplingParams(max_new_tokens=self.max_new_tokens),
+                                     stop_token_ids=self.builder.eos_token_ids)
+        texts = []
+        for ids in outs:
+            if ids and ids[-1] in self.builder.eos_token_ids:
+                ids = ids[:-1]
+            texts.append(self.builder.tokenizer.decode(ids, skip_special_tokens=True))
+        return texts
+
+
+def accuracy(model_dir, samples, pop_ratio: float = 0.0, batch: int = 8) -> tuple[float, list[str]]:
+    a = Answerer(model_dir, pop_ratio)
+    texts = []
+    for i in range(0, len(samples), batch):
+        texts += a.answer(samples[i: i + batch])
+    ok = [synthvqa.is_correct(t, s.answer) for t, s in zip(texts, samples)]
+    return sum(ok) / len(ok), texts
+
+
+def run_train_cli(args) -> int:
+    torch.set_num_threads(args.threads)
+    info = train(args.family, args.out, args.steps, args.batch_size, args.lr, args.layers, args.seed,
+                 args.threads, max_minutes=args.max_minutes)
+    if args.heldout:
+        acc, _ = accuracy(args.out, synthvqa.make_dataset(args.heldout, synthvqa.HELDOUT_SEED))
+        info["heldout_accuracy"] = acc
+        info["heldout_n"] = args.heldout
+        (Path(args.out) / "training.json").write_text(json.dumps(info, indent=2))
+        print(f"held-out accuracy (n={args.heldout}, seed {synthvqa.HELDOUT_SEED}, full model): {acc:.3f}")
+    return 0
+
+
+def add_train_parser(sub) -> None:
+    t = sub.add_parser("train", help="train a small model from scratch on SynthVQA (CPU)")
+    t.add_argument("--family", required=True, choices=["qwen3-vl", "gemma3"])
+    t.add_argument("--out", required=True)
+    t.add_argument("--steps", type=int, default=1200)
+    t.add_argument("--batch-size", type=int, default=24)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--layers", type=int, default=12)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--max-minutes", type=float, default=28.0, help="stop early (and save) past this")
+    t.add_argument("--heldout", type=int, default=200, help="held-out questions to score at the end (0: skip)")
+    t.set_defaults(func=run_train_cli)

@@ -1,0 +1,173 @@
+"""Sampling and the decoder's continuous-batching bookkeeping.
+
+Seeded sampling is reproducible (alone or batched with others) and differs from greedy; stop tokens
+end a sequence with "stop", the token budget with "length"; removing a sequence frees its slot and
+KV, and the sequences left behind keep decoding exactly as they would alone.
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from popserve.models.decoder import DecoderFull, FullDecoder  # noqa: E402
+from popserve.models.prefill import PrefillRequest, PrunedPrefill  # noqa: E402
+from popserve.models.prompt import PromptBuilder  # noqa: E402
+from popserve.models.sampling import SamplingParams, sample  # noqa: E402
+
+SEEDED = dict(temperature=0.8, top_p=0.9, top_k=20, seed=7)
+PROMPTS = [
+    "Tell me a story about the sea and a boy who lived near it.",
+    "Count the red circles.",
+    "Where did the old man go every morning after he found the white square in the sand?",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", params=["qwen3-vl", "gemma3"])
+def stack(request, tiny_dirs):
+    d = tiny_dirs[request.param]
+    pb = PromptBuilder(d)
+    pre = PrunedPrefill(d, pop_ratio=1 / 3)
+    prompts = [pb.build([{"role": "user", "content": p}]) for p in PROMPTS]
+    s = SimpleNamespace(dir=d, pre=pre, dec=FullDecoder(d, pop_ratio=1 / 3, max_seqs=3, max_seq_len=160))
+    s.handoffs = lambda: pre.prefill([PrefillRequest(p.input_ids) for p in prompts])
+    yield s
+    assert s.dec.num_running == 0
+
+
+def run_to_end(dec):
+    """Step until nothing runs; per sequence, its tokens and finish reasons in order."""
+    out = {}
+    while dec.num_running:
+        for o in dec.step():
+            out.setdefault(o.seq_id, []).append((o.token, o.finish_reason))
+    return out
+
+
+def test_seeded_sampling_is_reproducible_and_not_greedy(stack):
+    s = stack
+    h = s.handoffs()[0]
+    a = s.dec.generate([h], SamplingParams(max_new_tokens=16, **SEEDED))[0]
+    b = s.dec.generate([h], SamplingParams(max_new_tokens=16, **SEEDED))[0]
+    greedy = s.dec.generate([h], SamplingParams(max_new_tokens=16))[0]
+    other_seed = s.dec.generate([h], SamplingParams(max_new_tokens=16, **{**SEEDED, "seed": 8}))[0]
+    assert len(a) == 16 and a == b
+    assert a != greedy
+    assert a != other_seed
+    # A sequence's samples depend on its own seed only, not on what else shares the batch.
+    together = s.dec.generate(s.handoffs(), [SamplingParams(max_new_tokens=16, **{**SEEDED, "seed": 3}),
+                                             SamplingParams(max_new_tokens=16, **SEEDED),
+                                             SamplingParams(max_new_tokens=5)])
+    assert together[1] == a
+
+
+def test_stop_token_finishes_with_stop(stack):
+    s = stack
+    h = s.handoffs()[0]
+    greedy = s.dec.generate([h], SamplingParams(max_new_tokens=12))[0]
+    stop = greedy[3]
+    first = greedy.index(stop)
+    for params, extra in ((SamplingParams(max_new_tokens=12, stop_token_ids=(stop,)), ()),
+                          (SamplingParams(max_new_tokens=12), (stop,))):  # per request or per call
+        sid = s.dec.add(h, params, stop_token_ids=extra)
+        out = run_to_end(s.dec)[sid]
+        assert [t for t, _ in out] == greedy[: first + 1]
+        assert [r for _, r in out] == [None] * first + ["stop"]
+
+
+def test_max_new_tokens_finishes_with_length(stack):
+    s = stack
+    h = s.handoffs()[0]
+    sid = s.dec.add(h, SamplingParams(max_new_tokens=5))
+    out = run_to_end(s.dec)[sid]
+    assert len(out) == 5 and [r for _, r in out] == [None] * 4 + ["length"]
+    assert s.dec.num_running == 0 and s.dec.kv_bytes_in_use == 0
+
+
+def test_remove_frees_slot(stack):
+    s = stack
+    h = s.handoffs()[0]
+    sid = s.dec.add(h, SamplingParams(max_new_tokens=50))
+    per_token = s.dec.family.num_layers * 2 * s.dec.family.num_kv_heads * s.dec.family.head_dim * 4
+    assert s.dec.num_running == 1 and s.dec.kv_bytes_in_use == h.num_tokens * per_token
+    s.dec.step()
+    assert s.dec.kv_bytes_in_use == (h.num_tokens + 1) * per_token
+    assert s.dec.remove(sid) is True
+    assert s.dec.num_running == 0 and s.dec.kv_bytes_in_use == 0
+    assert s.dec.remove(sid) is False  # already gone
+    assert s.dec.step() == []
+
+
+def test_removing_a_middle_sequence_keeps_the_others_exact(stack):
+    """Slot compaction moves the last sequence into the freed slot: it must go on decoding exactly
+    as it would alone."""
+    s = stack
+    hs = s.handoffs()
+    alone = [s.dec.generate([h], SamplingParams(max_new_tokens=10))[0] for h in hs]
+    ids = [s.dec.add(h, SamplingParams(max_new_tokens=10)) for h in hs]
+    got = {i: [] for i in ids}
+    for _ in range(3):
+        for o in s.dec.step():
+            got[o.seq_id].append(o.token)
+    assert s.dec.remove(ids[1])
+    assert s.dec.num_running == 2
+    for i, toks in run_to_end(s.dec).items():
+        got[i] += [t for t, _ in toks]
+    assert got[ids[0]] == alone[0] and got[ids[2]] == alone[2]
+    assert got[ids[1]] == alone[1][:3]
+
+
+def test_admission_limits(stack):
+    s = stack
+    hs = s.handoffs()
+    with pytest.raises(DecoderFull, match="max_seq_len"):
+        s.dec.add(hs[0], SamplingParams(max_new_tokens=s.dec.max_seq_len))
+    ids = [s.dec.add(h, SamplingParams(max_new_tokens=2)) for h in hs]
+    assert not s.dec.can_admit(4, 2)
+    with pytest.raises(DecoderFull, match="slots are busy"):
+        s.dec.add(hs[0], SamplingParams(max_new_tokens=2))
+    for i in ids:
+        s.dec.remove(i)
+    assert s.dec.num_running == 0 and s.dec.can_admit(4, 2)
+
+
+# ---- sample() on crafted logits ------------------------------------------------------------------
+def test_sample_respects_top_k_and_top_p():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])
+    draws = lambda p, n=300: {sample(logits, [p], [p.generator()])[0] for _ in range(n)}  # noqa: E731
+    assert draws(SamplingParams(temperature=1.0, top_k=1, seed=0)) == {0}
+    assert draws(SamplingParams(temperature=1.0, top_k=3, seed=0)) == {0, 1, 2}
+    # softmax([4,3,2,...]) = .64, .23, .09, ...: top_p 0.5 keeps only token 0, 0.8 tokens 0 and 1.
+    assert draws(SamplingParams(temperature=1.0, top_p=0.5, seed=0)) == {0}
+    assert draws(SamplingParams(temperature=1.0, top_p=0.8, seed=0)) == {0, 1}
+    assert sample(logits, [SamplingParams()], [None]) == [0]  # greedy
+
+
+def test_unseeded_sampling_leaves_global_rng_alone():
+    """Regression: an unseeded request used to call torch.seed(), re-seeding the process-wide RNG
+    (breaking every seeded computation that shares the process)."""
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    g1 = SamplingParams(temperature=0.7).generator()
+    g2 = SamplingParams(temperature=0.7).generator()
+    assert torch.equal(torch.rand(4), expected)
+    assert g1.initial_seed() != g2.initial_seed()  # still non-deterministic per request
+
+
+def test_sampling_params_validation():
+    for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)

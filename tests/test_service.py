@@ -1,0 +1,241 @@
+"""The disaggregated service over real HTTP on a real local Ray cluster (tiny checkpoints)."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+
+import httpx
+import pytest
+from PIL import Image
+
+from popserve.models.decoder import FullDecoder
+from popserve.models.encoder import VisionEncoder
+from popserve.models.prefill import PrefillRequest, PrunedPrefill
+from popserve.models.prompt import PromptBuilder
+from popserve.models.sampling import SamplingParams
+
+MAX_TOKENS = 8
+
+
+def png(color, size=(64, 48)) -> Image.Image:
+    img = Image.new("RGB", size, color)
+    for x in range(0, size[0], 8):  # some structure, so features differ by more than colour
+        img.putpixel((x, x % size[1]), (255 - color[0], 255 - color[1], 255 - color[2]))
+    return img
+
+
+def data_url(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def openai_messages(text: str, images: list[Image.Image]) -> list[dict]:
+    if not images:
+        return [{"role": "user", "content": text}]
+    parts = [{"type": "image_url", "image_url": {"url": data_url(i)}} for i in images]
+    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+
+
+def hf_messages(text: str, images: list) -> list[dict]:
+    if not images:
+        return [{"role": "user", "content": text}]
+    return [{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]}]
+
+
+class Reference:
+    """The single-process stage runners: what the server must reproduce token for token."""
+
+    def __init__(self, model_dir):
+        self.builder = PromptBuilder(model_dir)
+        self.encoder = VisionEncoder(model_dir, dtype="float32")
+        self.prefill = {r: PrunedPrefill(model_dir, r, dtype="float32") for r in (1 / 3, 0.0)}
+        self.decoder = FullDecoder(model_dir, 1 / 3, dtype="float32", max_seqs=2, max_seq_len=1024)
+
+    def answer(self, text, images, pop=True, max_tokens=MAX_TOKENS) -> str:
+        p = self.builder.build(hf_messages(text, images), images)
+        feats = self.encoder.encode_pixels(p.pixels)
+        h = self.prefill[1 / 3 if pop else 0.0].prefill([PrefillRequest(p.input_ids, p.mm_token_type_ids, feats)])
+        ids = self.decoder.generate(h, SamplingParams(max_new_tokens=max_tokens),
+                                    stop_token_ids=self.builder.eos_token_ids)[0]
+        if ids and ids[-1] in self.builder.eos_token_ids:
+            ids = ids[:-1]
+        return self.builder.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def references(tiny_dirs):
+    return {fam: Reference(d) for fam, d in tiny_dirs.items()}
+
+
+def chat(server, text, images=(), pop=True, stream=False, max_tokens=MAX_TOKENS, **extra):
+    body = {"model": server.model_name, "messages": openai_messages(text, list(images)),
+            "max_tokens": max_tokens, "temperature": 0, "pop": pop, "stream": stream, **extra}
+    r = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=120)
+    return r
+
+
+def read_stream(r: httpx.Response) -> tuple[str, str | None, list[dict]]:
+    assert r.status_code == 200, r.text
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    reasons = [c["choices"][0].get("finish_reason") for c in chunks if c["choices"]]
+    return text, reasons[-1], chunks
+
+
+CASES = [
+    ("text", "Tell me about the sea and the boy who lived near it", []),
+    ("image", "What is in this picture?", [png((200, 30, 30))]),
+    ("two-images", "Compare these two pictures", [png((10, 200, 30)), png((20, 20, 230), (40, 72))]),
+]
+
+
+@pytest.mark.parametrize("pop", [True, False], ids=["pop", "full"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_http_greedy_matches_stage_runners(server, references, case, pop):
+    _, text, images = case
+    want = references[server.family].answer(text, images, pop=pop)
+    r = chat(server, text, images, pop=pop)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == want
+    assert body["usage"]["completion_tokens"] <= MAX_TOKENS
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    assert r.headers["x-request-id"] and body["id"].endswith(r.headers["x-request-id"])
+    streamed, reason, chunks = read_stream(chat(server, text, images, pop=pop, stream=True,
+                                                stream_options={"include_usage": True}))
+    assert streamed == want
+    assert reason == body["choices"][0]["finish_reason"]
+    assert chunks[-1]["usage"] == body["usage"]
+
+
+def test_pop_switch_changes_the_computation(servers, references):
+    """POP on and off are really different prefill paths (random weights: outputs diverge)."""
+    server = servers["gemma3"]
+    text = "Compare these two pictures"
+    images = CASES[2][2]
+    ref = references["gemma3"]
+    assert ref.answer(text, images, pop=True, max_tokens=16) != ref.answer(text, images, pop=False, max_tokens=16)
+    on = chat(server, text, images, pop=True, max_tokens=16).json()["choices"][0]["message"]["content"]
+    off = chat(server, text, images, pop=False, max_tokens=16).json()["choices"][0]["message"]["content"]
+    assert on != off
+
+
+def test_openai_client_with_image(servers):
+    import openai
+
+    server = servers["qwen3-vl"]
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
+    msgs = openai_messages("Describe the image", [png((0, 120, 240))])
+    resp = client.chat.completions.create(model=server.model_name, messages=msgs, max_tokens=6, temperature=0)
+    content = resp.choices[0].message.content
+    assert content and resp.choices[0].finish_reason in ("stop", "length")
+    assert resp.usage.completion_tokens >= 1
+    stream = client.chat.completions.create(model=server.model_name, messages=msgs, max_tokens=6, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    parts, usage = [], None
+    for ev in stream:
+        if ev.choices:
+            parts.append(ev.choices[0].delta.content or "")
+        if ev.usage:
+            usage = ev.usage
+    assert "".join(parts) == content
+    assert usage.completion_tokens == resp.usage.completion_tokens
+    models = client.models.list()
+    assert [m.id for m in models.data] == [server.model_name]
+
+
+def test_concurrent_requests_match_solo(servers):
+    """16 concurrent greedy requests of different lengths, some with images, each return exactly
+    what they return alone: continuous batching never mixes sequences."""
+    server = servers["qwen3-vl"]
+    reqs = []
+    for i in range(16):
+        text = " ".join(["word"] * (3 + 7 * i)) + f" question {i}"
+        images = [png(((40 * i) % 255, 90, 200 - 10 * i))] if i % 3 == 0 else []
+        reqs.append((text, images, 4 + i % 5))
+    solo = [chat(server, t, im, max_tokens=n).json()["choices"][0]["message"]["content"] for t, im, n in reqs]
+
+    async def run_all():
+        async with httpx.AsyncClient(timeout=300) as client:
+            async def one(t, im, n):
+                body = {"model": server.model_name, "messages": openai_messages(t, im), "max_tokens": n,
+                        "temperature": 0}
+                r = await client.post(f"{server.base_url}/v1/chat/completions", json=body)
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["message"]["content"]
+            return await asyncio.gather(*(one(*r) for r in reqs))
+
+    together = asyncio.run(run_all())
+    assert together == solo
+    assert len(set(solo)) > 8  # the requests really differ
+
+
+def test_stages_are_separate_actors_and_prefill_is_pruned(servers):
+    import ray
+    from ray import serve
+
+    server = servers["qwen3-vl"]
+    named = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    pids = {}
+    for stage in ("VisionEncoder", "Prefill", "PrefillFull", "Decode"):
+        assert any(f"{server.app_name}#{stage}#" in n for n in named), f"no replica actor for {stage}: {named}"
+        pids[stage] = serve.get_deployment_handle(stage, app_name=server.app_name).stats.remote().result()["pid"]
+    assert len(set(pids.values())) == len(pids), f"stages share a process: {pids}"
+
+    handle = serve.get_deployment_handle("Prefill", app_name=server.app_name)
+    names = handle.held_parameter_names.remote().result()
+    stats = handle.stats.remote().result()
+    L, k = stats["num_layers"], stats["skipped_layers"]
+    assert k == round(L / 3) and k > 0
+    for layer in range(L - k, L):
+        held = [n for n in names if n.startswith(f"layers.{layer}.")]
+        assert held and all(any(s in n for s in ("input_layernorm", "k_proj", "v_proj", "k_norm")) for n in held)
+        assert not any("mlp" in n or "q_proj" in n or "o_proj" in n for n in held)
+    assert any(n.startswith(f"layers.{L - k - 1}.mlp.") for n in names)
+    assert not any(n.startswith("norm.") for n in names)
+
+
+def _error(r, status, code=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if code:
+        assert err["code"] == code
+    return err
+
+
+def test_errors_are_openai_shaped_and_server_keeps_serving(servers):
+    server = servers["gemma3"]
+    url = f"{server.base_url}/v1/chat/completions"
+    _error(httpx.post(url, json={"model": "nope", "messages": [{"role": "user", "content": "hi"}]}), 404,
+           "model_not_found")
+    _error(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400, "invalid_json")
+    _error(httpx.post(url, json={"model": server.model_name, "messages": []}), 400)
+    _error(httpx.post(url, json={"model": server.model_name}), 400)
+    long_text = " ".join(["sea"] * 3000)
+    _error(chat(server, long_text), 400, "context_length_exceeded")
+    _error(chat(server, "hi", max_tokens=100000), 400)
+    ok = chat(server, "still there?")
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+
+
+def test_health_models_metrics(servers):
+    server = servers["qwen3-vl"]
+    h = httpx.get(f"{server.base_url}/health")
+    assert h.status_code == 200 and all(h.json()["stages"].values())
+    assert chat(server, "count the tokens").status_code == 200
+    m = httpx.get(f"{server.base_url}/metrics").text
+    for name in ("popserve_requests_total", "popserve_time_to_first_token_seconds_bucket",
+                 "popserve_inter_token_latency_seconds_bucket", "popserve_stage_queue_depth",
+                 "popserve_decode_running_sequences", "popserve_kv_handoff_bytes_total",
+                 "popserve_pop_layers_skipped", "popserve_errors_total"):
+        assert name in m, name
+    handed = [line for line in m.splitlines() if line.startswith("popserve_kv_handoff_bytes_total")]
+    assert float(handed[0].split()[-1]) > 0
+    skipped = [line for line in m.splitlines() if line.startswith('popserve_pop_layers_skipped{deployment="prefill"}')]
+    assert float(skipped[0].split()[-1]) == 2.0
