@@ -34,7 +34,10 @@ class SamplingParams:
         if self.greedy:
             return None
         g = torch.Generator()
-        g.manual_seed(self.seed if self.seed is not None else torch.seed())
+        if self.seed is not None:
+            g.manual_seed(self.seed)
+        else:
+            g.seed()  # non-deterministic, and only this generator's (torch.seed() reseeds the global RNG)
         return g
 
 

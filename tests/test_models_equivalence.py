@@ -142,24 +142,17 @@ class RecordingCache(DynamicCache):
 def hf_prefix_forward(s, batch, k_skip=0):
     """HF forward over t_1..t_{N-1}; the last k_skip decoder layers made identity for these tokens by
     forward hooks (they still run their own attention on their input, so they write exactly the K/V
-    of Eq. 14). Returns the cache and, captured by hooks, the hidden state entering layer L-k and
-    the position embeddings HF hands each layer."""
+    of Eq. 14). Returns the cache and, captured by a hook, the hidden state entering layer L-k."""
     text = hf_text(s.hf)
     seen = {}
-    handles = []
 
-    def capture_pe(idx):
-        def pre(mod, args, kwargs):
-            seen.setdefault(("pe", idx), kwargs["position_embeddings"])
-            if idx == s.L - s.k:
-                seen.setdefault("h", (args[0] if args else kwargs["hidden_states"]).detach().clone())
-        return pre
+    def capture_h(mod, args, kwargs):
+        seen.setdefault("h", (args[0] if args else kwargs["hidden_states"]).detach().clone())
 
     def identity(mod, args, kwargs, out):
         return args[0] if args else kwargs["hidden_states"]
 
-    for i in range(s.L):
-        handles.append(text.layers[i].register_forward_pre_hook(capture_pe(i), with_kwargs=True))
+    handles = [text.layers[s.L - s.k].register_forward_pre_hook(capture_h, with_kwargs=True)]
     for i in range(s.L - k_skip, s.L):
         handles.append(text.layers[i].register_forward_hook(identity, with_kwargs=True))
     if hasattr(s.hf.model, "rope_deltas"):
@@ -206,7 +199,12 @@ def test_full_prefill_matches_hf_generate(stack, name):
         assert prompt.num_tokens >= 60
     if name == "two_images":
         assert len(prompt.pixels) == 2
-    [handoff] = s.pre0.prefill([request_for(s, prompt)])
+    req = request_for(s, prompt)
+    if prompt.pixels:  # PIL path and pixel path of the encoder agree
+        for a, b in zip(s.enc.encode(CASES[name][1]), req.images):
+            assert a.grid_thw == b.grid_thw
+            torch.testing.assert_close(a.data, b.data)
+    [handoff] = s.pre0.prefill([req])
     assert handoff.skipped_layers == 0 and handoff.prompt_tokens == prompt.num_tokens
     assert handoff.kv.shape[3] == prompt.num_tokens - 1 and handoff.kv.is_contiguous()
     ref = hf_generate(s, batch)

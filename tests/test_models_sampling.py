@@ -67,10 +67,10 @@ def test_seeded_sampling_is_reproducible_and_not_greedy(stack):
     assert a != greedy
     assert a != other_seed
     # A sequence's samples depend on its own seed only, not on what else shares the batch.
-    together = s.dec.generate(s.handoffs(), [SamplingParams(max_new_tokens=16, **{**SEEDED, "seed": 3}),
-                                             SamplingParams(max_new_tokens=16, **SEEDED),
+    together = s.dec.generate(s.handoffs(), [SamplingParams(max_new_tokens=16, **SEEDED),
+                                             SamplingParams(max_new_tokens=16, **{**SEEDED, "seed": 3}),
                                              SamplingParams(max_new_tokens=5)])
-    assert together[1] == a
+    assert together[0] == a
 
 
 def test_stop_token_finishes_with_stop(stack):
@@ -146,7 +146,11 @@ def test_admission_limits(stack):
 # ---- sample() on crafted logits ------------------------------------------------------------------
 def test_sample_respects_top_k_and_top_p():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])
-    draws = lambda p, n=300: {sample(logits, [p], [p.generator()])[0] for _ in range(n)}  # noqa: E731
+
+    def draws(p, n=300):
+        gen = p.generator()
+        return {sample(logits, [p], [gen])[0] for _ in range(n)}
+
     assert draws(SamplingParams(temperature=1.0, top_k=1, seed=0)) == {0}
     assert draws(SamplingParams(temperature=1.0, top_k=3, seed=0)) == {0, 1, 2}
     # softmax([4,3,2,...]) = .64, .23, .09, ...: top_p 0.5 keeps only token 0, 0.8 tokens 0 and 1.
