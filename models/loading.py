@@ -31,12 +31,28 @@ class Loaded:
     device: torch.device
 
 
-def torch_dtype(name: str, config_dtype) -> torch.dtype:
+def cpu_has_native_half() -> bool:
+    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX). Without it torch emulates
+    bf16 matmuls, several times slower than float32 (measured: README, "dtype on CPUs")."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def torch_dtype(name: str, config_dtype, device: str = "cpu") -> torch.dtype:
+    """'auto' = the checkpoint's dtype, except on CPUs that would only emulate bf16/fp16:
+    there the weights are upcast to float32 for compute (same model, faster, more memory)."""
     if name != "auto":
         return _DTYPES[name]
     if isinstance(config_dtype, str) and config_dtype in _DTYPES:
-        return _DTYPES[config_dtype]
-    return config_dtype if isinstance(config_dtype, torch.dtype) else torch.float32
+        dt = _DTYPES[config_dtype]
+    else:
+        dt = config_dtype if isinstance(config_dtype, torch.dtype) else torch.float32
+    if str(device).startswith("cpu") and dt in (torch.bfloat16, torch.float16) and not cpu_has_native_half():
+        return torch.float32
+    return dt
 
 
 def load_checkpoint(model: str | Path, dtype: str = "auto", device: str = "cpu") -> Loaded:
@@ -54,7 +70,8 @@ def load_checkpoint(model: str | Path, dtype: str = "auto", device: str = "cpu")
     except Exception as exc:
         raise CheckpointError(f"{model_dir}/config.json cannot be parsed by transformers: {exc}") from exc
     family = family_for(config)
-    dt = torch_dtype(dtype, raw.get("dtype") or raw.get("torch_dtype") or raw.get("text_config", {}).get("dtype"))
+    dt = torch_dtype(dtype, raw.get("dtype") or raw.get("torch_dtype") or raw.get("text_config", {}).get("dtype"),
+                     device)
     try:
         hf_model = family.model_class().from_pretrained(model_dir, dtype=dt, attn_implementation="sdpa")
     except Exception as exc:

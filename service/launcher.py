@@ -18,10 +18,9 @@ def start(cfg: ServeConfig, wait_ready_s: float = 600.0) -> None:
     from .app import build_app
 
     if not ray.is_initialized():
-        try:
-            ray.init(address="auto", logging_level="WARNING")  # an existing cluster
-        except (ConnectionError, RuntimeError):
-            ray.init(logging_level="WARNING", include_dashboard=False)  # the embedded default
+        # Joins the cluster named by RAY_ADDRESS or started with `ray start`; otherwise starts an
+        # embedded local one that lives as long as this process.
+        ray.init(logging_level="WARNING", include_dashboard=False)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
     deadline = time.monotonic() + wait_ready_s

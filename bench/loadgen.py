@@ -1,0 +1,129 @@
+"""Load generation against any OpenAI-compatible server (asyncio + httpx, loopback only).
+
+Bounded in request count and time; every prompt and image is unique (no cache hits). Shared by
+bench/serve.py (POP on vs off) and bench/peers.py (popserve vs other servers).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import httpx
+
+WORDS = ("the sea boy water light house tree city story picture animal mother world point "
+         "answer school plant night river stone cloud garden window morning letter").split()
+
+
+@dataclass
+class Result:
+    ok: bool
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    tokens: int = 0
+    error: str = ""
+
+
+def text_prompt(tokenizer, n_tokens: int, seed: int) -> str:
+    """A unique prompt of about n_tokens tokens under this tokenizer (chat template excluded)."""
+    rng = random.Random(seed)
+    words = [f"{rng.choice(WORDS)}{rng.randint(0, 999)}" for _ in range(n_tokens)]
+    ids = tokenizer(" ".join(words))["input_ids"][:n_tokens]
+    return tokenizer.decode(ids)
+
+
+def noise_image_url(side: int, seed: int) -> str:
+    from PIL import Image
+
+    rng = random.Random(seed)
+    img = Image.frombytes("RGB", (side, side), rng.randbytes(side * side * 3))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Result:
+    t0 = time.perf_counter()
+    first, last, itl, tokens = None, None, [], 0
+    try:
+        async with client.stream("POST", url, json={**body, "stream": True,
+                                                    "stream_options": {"include_usage": True}}) as r:
+            if r.status_code != 200:
+                return Result(False, error=f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                ev = json.loads(line[6:])
+                if "error" in ev:
+                    return Result(False, error=str(ev["error"])[:200])
+                if ev.get("usage"):
+                    tokens = ev["usage"]["completion_tokens"]
+                if ev.get("choices") and ev["choices"][0]["delta"].get("content"):
+                    now = time.perf_counter()
+                    if first is None:
+                        first = now
+                    else:
+                        itl.append(now - last)
+                    last = now
+    except httpx.HTTPError as exc:
+        return Result(False, error=type(exc).__name__)
+    end = time.perf_counter()
+    if first is None:
+        return Result(False, error="no tokens")
+    return Result(True, first - t0, end - t0, itl, tokens or (len(itl) + 1))
+
+
+async def run_load(url: str, bodies: list[dict], concurrency: int, time_limit_s: float = 600.0) -> dict:
+    """Send `bodies` with at most `concurrency` in flight; returns aggregate metrics."""
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    results: list[Result] = []
+    deadline = time.monotonic() + time_limit_s
+    async with httpx.AsyncClient(timeout=httpx.Timeout(300, connect=10), limits=limits) as client:
+        async def worker(body):
+            async with sem:
+                if time.monotonic() > deadline:
+                    return
+                results.append(await one_request(client, url, body))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(b) for b in bodies))
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if r.ok]
+    itl = [x for r in ok for x in r.itl]
+    tpot = [(r.e2e - r.ttft) / max(1, r.tokens - 1) for r in ok if r.tokens > 1]
+    errors: dict[str, int] = {}
+    for r in results:
+        if not r.ok:
+            errors[r.error] = errors.get(r.error, 0) + 1
+    return {
+        "requests": len(results), "ok": len(ok), "errors": errors, "wall_s": wall,
+        "ttft_p50": percentile([r.ttft for r in ok], 50), "ttft_p90": percentile([r.ttft for r in ok], 90),
+        "ttft_p99": percentile([r.ttft for r in ok], 99),
+        "tpot_p50": percentile(tpot, 50),
+        "itl_p50": percentile(itl, 50), "itl_p90": percentile(itl, 90), "itl_p99": percentile(itl, 99),
+        "e2e_p50": percentile([r.e2e for r in ok], 50),
+        "out_tok_s": sum(r.tokens for r in ok) / wall if wall else 0.0,
+        "ttft_mean": statistics.fmean([r.ttft for r in ok]) if ok else float("nan"),
+    }
+
+
+def chat_body(model: str, text: str, image_url: Optional[str], max_tokens: int, extra: dict | None = None) -> dict:
+    content = text if image_url is None else [{"type": "image_url", "image_url": {"url": image_url}},
+                                              {"type": "text", "text": text}]
+    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            "temperature": 0, **(extra or {})}
