@@ -82,8 +82,8 @@ class Gates:
                 pre[-k:] = 0
             if decode:
                 dec[-k:] = 0
-        hidden = frozenset(range(num_layers - k, num_layers)) if hide_prompt_kv else frozenset()
-        return cls(pre, dec, boundary, hidden)
+        hide = frozenset(range(num_layers - k, num_layers)) if hide_prompt_kv else frozenset()
+        return cls(pre, dec, boundary, hide)
 
 
 class GrowingCache:

@@ -1,4 +1,4 @@
-"""`popserve` command line: serve, make-tiny, importance, eval."""
+"""`popserve` command line: serve, make-tiny, importance, eval, train."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,12 @@ def _cmd_eval(args) -> int:
     from popserve.models.evaluate import run_eval_cli
 
     return run_eval_cli(args)
+
+
+def _cmd_train(args) -> int:
+    from popserve.models.train import run_train_cli
+
+    return run_train_cli(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--out", required=True)
     e.set_defaults(func=_cmd_eval)
+
+    tr = sub.add_parser("train", help="train a small model from scratch on SynthVQA shapes (CPU)")
+    tr.add_argument("--family", required=True, choices=["qwen3-vl", "gemma3"])
+    tr.add_argument("--out", required=True)
+    tr.add_argument("--steps", type=int, default=700)
+    tr.add_argument("--batch-size", type=int, default=24)
+    tr.add_argument("--lr", type=float, default=2e-3)
+    tr.add_argument("--layers", type=int, default=12)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--threads", type=int, default=1)
+    tr.add_argument("--max-minutes", type=float, default=22.0,
+                    help="CPU-time budget (minutes of one core); past it the schedule anneals and training stops")
+    tr.add_argument("--heldout", type=int, default=200, help="held-out questions scored at the end (0: skip)")
+    tr.set_defaults(func=_cmd_train)
     return p
 
 
