@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .families.base import get_module
-from .kv import HandoffMismatch, KVHandoff, pop_fingerprint
+from .kv import KVHandoff, pop_fingerprint
 from .loading import load_checkpoint, param_bytes, release
 from .masks import decode_masks
 from .pop import skipped_layer_count

@@ -26,15 +26,6 @@ from popserve.models.prompt import PromptBuilder
 VENV_BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and don't fight other processes for the cores)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _image(seed: int, size=(64, 64)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8))

@@ -60,15 +60,6 @@ CASES = {
 
 
 # ---- fixtures: every runner loaded once per family per module ---------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=["qwen3-vl", "gemma3"])
 def stack(request, tiny_dirs):
     d = tiny_dirs[request.param]

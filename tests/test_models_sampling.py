@@ -27,14 +27,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=["qwen3-vl", "gemma3"])
 def stack(request, tiny_dirs):
     d = tiny_dirs[request.param]
