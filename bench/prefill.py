@@ -52,14 +52,19 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--ratio", type=float, default=1 / 3)
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "popserve-bench"))
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--out", default="bench/results/prefill.md")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     rows = []
     for family in args.families.split(","):
         d = _bench_dir(family, Path(args.cache))
-        full, pop = PrunedPrefill(d, 0.0), PrunedPrefill(d, args.ratio)
-        enc, builder = VisionEncoder(d), PromptBuilder(d)
+        full, pop = PrunedPrefill(d, 0.0, args.dtype), PrunedPrefill(d, args.ratio, args.dtype)
+        enc, builder = VisionEncoder(d, args.dtype), PromptBuilder(d)
+        compute_dtype = str(full.dtype).split(".")[-1]
         special = set(builder.tokenizer.all_special_ids)
         vocab = [i for i in range(len(builder.tokenizer)) if i not in special]
         cases = [(f"text {n}", lambda n=n, s=0: ([_text_request(vocab, n, s)], None))
@@ -94,7 +99,8 @@ def main(argv=None) -> int:
     L = "| family | prompt | prefill tokens | full (ms) | POP k=L/3 (ms) | speedup |\n|---|---|---|---|---|---|\n"
     table = L + "\n".join(f"| {a} | {b} | {c} | {d*1000:.1f} | {e*1000:.1f} | {r:.2f}x |" for a, b, c, d, e, r in rows)
     header = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, bench checkpoints "
-              f"(24 layers x 512, bf16), median of {args.repeats} interleaved runs\n\n")
+              f"(24 layers x 512, stored bf16, computed in {compute_dtype}), "
+              f"median of {args.repeats} interleaved runs\n\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(header + table + "\n")
     print("\n" + header + table)

@@ -26,8 +26,10 @@ def deployment_options(name: str, s: DeploymentSettings, cfg: ServeConfig) -> di
         "name": name,
         "max_ongoing_requests": s.max_ongoing_requests,
         "max_queued_requests": s.max_queued_requests,
+        # Serve's own rejection past max_queued_requests (the HTTP proxy's, for the ingress) says when to retry.
+        "backpressure_config": {"status_code": 503, "retry_after_s": 1},
         "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus, "runtime_env": {"env_vars": env}},
-        "health_check_period_s": 2.0,
+        "health_check_period_s": 10.0,
         "health_check_timeout_s": 30.0,
         "graceful_shutdown_timeout_s": 5.0,
     }
