@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, default=1)
     tr.add_argument("--max-minutes", type=float, default=22.0,
                     help="CPU-time budget (minutes of one core); past it the schedule anneals and training stops")
+    tr.add_argument("--warmup", type=int, default=60)
+    tr.add_argument("--vision-lr-mult", type=float, default=1.0, help="lr multiplier of the vision tower + projector")
+    tr.add_argument("--init-from", help="continue training this checkpoint (a second stage)")
+    tr.add_argument("--data-seed", type=int, help="seed of the training stream (default: --seed)")
     tr.add_argument("--heldout", type=int, default=200, help="held-out questions scored at the end (0: skip)")
     tr.set_defaults(func=_cmd_train)
     return p

@@ -63,19 +63,22 @@ def from_exception(exc: BaseException) -> ServeError:
     from ray import exceptions as rex
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-    seen = exc
+    died = (rex.ActorDiedError, rex.ActorUnavailableError, rex.WorkerCrashedError, rex.OwnerDiedError,
+            DeploymentUnavailableError)
+    seen, failed = exc, None
     for _ in range(6):
         if isinstance(seen, ServeError):
             return seen
         if isinstance(seen, BackPressureError):
             return Overloaded(f"a stage queue is full: {seen}")
+        if failed is None and isinstance(seen, died):  # also when wrapped (an upstream stage's replica died)
+            failed = seen
         cause = getattr(seen, "cause", None) or seen.__cause__
         if cause is None or cause is seen:
             break
         seen = cause
-    if isinstance(exc, (rex.ActorDiedError, rex.ActorUnavailableError, rex.WorkerCrashedError,
-                        DeploymentUnavailableError)):
-        return StageFailed(f"a stage replica failed during the request ({type(exc).__name__}); retry",
+    if failed is not None:
+        return StageFailed(f"a stage replica failed during the request ({type(failed).__name__}); retry",
                            code="replica_failed", retry_after=1.0)
     if isinstance(exc, TimeoutError):
         return StageFailed("a stage did not answer in time", code="timeout", retry_after=1.0)

@@ -18,12 +18,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from popserve.models.prompt import PromptBuilder
 
 from .config import ServeConfig
 from .engine.detokenize import Detokenizer
-from .errors import BadRequest, NotFound, PayloadTooLarge, ServeError, Unauthorized, from_exception
+from .errors import BadRequest, NotFound, PayloadTooLarge, ServeError, StageFailed, Unauthorized, from_exception
 from .media import load_image
 from .metrics import Metrics
 from .protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta,
@@ -31,6 +32,51 @@ from .protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionReques
 
 logger = logging.getLogger("ray.serve")
 app = FastAPI(title="popserve", description="OpenAI-compatible chat completions with POP prefill")
+
+# Temperatures this small sample like greedy anyway, but logits / t overflows float32 to inf and
+# the softmax to NaN, which would fail the sampler and with it every sequence of the decode batch.
+MIN_SAMPLING_TEMPERATURE = 1e-3
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own errors (unknown path, wrong method) in OpenAI's shape too."""
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
+    return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+def api_keys(configured: list[str], environ) -> list[str]:
+    """The config's keys plus POPSERVE_API_KEYS (comma-separated); empty: no auth."""
+    env_keys = [k.strip() for k in environ.get("POPSERVE_API_KEYS", "").split(",") if k.strip()]
+    return list(configured) + env_keys
+
+
+def check_api_key(keys: list[str], path: str, authorization: str, protect_metrics: bool) -> None:
+    """Raise Unauthorized unless the path is open or `Authorization: Bearer <key>` carries one of
+    the keys. Compared in constant time against every key (no short-circuit on a match)."""
+    if not keys or path.endswith("/health") or (path.endswith("/metrics") and not protect_metrics):
+        return
+    token = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
+    ok = 0
+    for key in keys:
+        ok |= hmac.compare_digest(token.encode(), key.encode())
+    if not ok:
+        raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key>)", code="invalid_api_key")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
+    """`first`, then the rest of `rest`; closing it closes `rest` (and so frees the decode slot)."""
+    try:
+        yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()
 
 
 def _request_id() -> str:
@@ -47,8 +93,7 @@ class Ingress:
     def __init__(self, cfg: dict, encoder, prefill, prefill_full, decode):
         self.cfg = ServeConfig.model_validate(cfg)
         # Keys may also come from the environment (e.g. a Kubernetes Secret), never logged.
-        env_keys = [k.strip() for k in os.environ.get("POPSERVE_API_KEYS", "").split(",") if k.strip()]
-        self.cfg.api_keys = list(self.cfg.api_keys) + env_keys
+        self.cfg.api_keys = api_keys(self.cfg.api_keys, os.environ)
         self.encoder, self.prefill, self.prefill_full, self.decode = encoder, prefill, prefill_full, decode
         self.builder = PromptBuilder(self.cfg.model)
         self.model_name = self.cfg.model_name()
@@ -62,23 +107,16 @@ class Ingress:
     def authorize(self, request: Request) -> None:
         """API keys (if configured) guard the API. /health stays open for probes; /metrics is
         open unless protect_metrics is set (see docs/reliability.md)."""
-        keys = self.cfg.api_keys
-        path = request.url.path
-        if not keys or path == "/health" or (path == "/metrics" and not self.cfg.protect_metrics):
-            return
-        auth = request.headers.get("authorization", "")
-        token = auth[7:] if auth.lower().startswith("bearer ") else ""
-        # Compare against every key in constant time; never short-circuit on the first match.
-        ok = False
-        for key in keys:
-            ok |= hmac.compare_digest(token.encode(), key.encode())
-        if not ok:
-            raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key>)", code="invalid_api_key")
+        check_api_key(self.cfg.api_keys, request.url.path, request.headers.get("authorization", ""),
+                      self.cfg.protect_metrics)
+
+    def _auth_headers(self, exc: ServeError) -> dict:
+        return {"www-authenticate": "Bearer"} if isinstance(exc, Unauthorized) else {}
 
     def error_response(self, exc: ServeError, rid: str) -> JSONResponse:
         self.metrics.errors.labels(str(exc.status), exc.code or exc.type).inc()
         self.metrics.requests.labels(str(exc.status)).inc()
-        headers = {}
+        headers = self._auth_headers(exc)
         if exc.retry_after is not None:
             headers["retry-after"] = str(max(1, round(exc.retry_after)))
         if exc.status >= 500:
@@ -136,12 +174,18 @@ class Ingress:
         except Exception as exc:  # a bug, not the client's fault
             logger.exception("request %s: unexpected error while preparing", rid)
             return self.error_response(from_exception(exc), rid)
-        stream = self._launch(req, prepared)
+        try:
+            tokens = await self._start(req, prepared, rid, t0)
+        except ServeError as exc:
+            return self.error_response(exc, rid)
+        except Exception as exc:
+            logger.exception("request %s failed before its first token", rid)
+            return self.error_response(from_exception(exc), rid)
         if req.stream:
-            return StreamingResponse(self._sse(req, prepared, stream, rid, t0), media_type="text/event-stream",
+            return StreamingResponse(self._sse(req, prepared, tokens, rid, t0), media_type="text/event-stream",
                                      headers={"cache-control": "no-cache"})
         try:
-            return await self._complete(req, prepared, stream, rid, t0)
+            return await self._complete(req, prepared, tokens, rid, t0)
         except ServeError as exc:
             return self.error_response(exc, rid)
         except Exception as exc:
@@ -160,8 +204,10 @@ class Ingress:
             if len(body) > cap:
                 raise PayloadTooLarge(f"request body exceeds {cap} bytes", code="request_too_large")
         try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            data = json.loads(body, parse_constant=_no_constant)
+        except RecursionError:
+            raise BadRequest("request body is nested too deeply", code="invalid_json") from None
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, NaN/Infinity, huge integers
             raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
         if not isinstance(data, dict):
             raise BadRequest("request body must be a JSON object", code="invalid_json")
@@ -213,7 +259,8 @@ class Ingress:
         if n + max_tokens > self.max_context:
             raise BadRequest(f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds the context length "
                              f"{self.max_context}", param="max_tokens", code="context_length_exceeded")
-        params = {"max_new_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
+        temperature = req.temperature if req.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0  # documented
+        params = {"max_new_tokens": max_tokens, "temperature": temperature, "top_p": req.top_p,
                   "top_k": req.top_k, "seed": req.seed}
         return {"prompt": prompt, "digests": [i.digest for i in images], "params": params}
 
@@ -227,9 +274,37 @@ class Ingress:
         handoff = prefill.prefill.remote(prompt.input_ids, prompt.mm_token_type_ids, features)
         return self.decode.options(stream=True).generate.remote(handoff, prepared["params"])
 
-    async def _tokens(self, stream, req, prepared, rid, t0) -> AsyncIterator[tuple[int, Optional[str]]]:
-        """Token ids from decode, with TTFT / ITL metrics and a per-token timeout."""
-        timeout = self.cfg.limits.request_timeout_s
+    async def _start(self, req, prepared, rid, t0) -> AsyncIterator[tuple[int, Optional[str]]]:
+        """Launch the stages and wait for the first token before answering, so that whatever fails
+        before it (a full queue, a dead replica, a timeout) comes back as an HTTP status, streaming
+        or not. A replica failure before the first token is retried once: nothing was produced
+        yet and encode, prefill and decode are idempotent (the retry may land on another replica,
+        or on the restarted one)."""
+        deadline = time.monotonic() + self.cfg.limits.request_timeout_s  # both attempts share it
+        for attempt in range(2):
+            first_timeout = max(0.001, deadline - time.monotonic())
+            tokens = self._tokens(self._launch(req, prepared), req, prepared, rid, t0, first_timeout)
+            try:
+                first = await tokens.__anext__()
+            except StopAsyncIteration:
+                return tokens
+            except StageFailed as exc:
+                await tokens.aclose()
+                if attempt or exc.code != "replica_failed":
+                    raise
+                logger.warning("request %s: %s; retrying once", rid, exc.message)
+                continue
+            except BaseException:
+                await tokens.aclose()
+                raise
+            return _prepend(first, tokens)
+        raise AssertionError("unreachable")
+
+    async def _tokens(self, stream, req, prepared, rid, t0,
+                      first_timeout: Optional[float] = None) -> AsyncIterator[tuple[int, Optional[str]]]:
+        """Token ids from decode, with TTFT / ITL metrics and a per-token timeout
+        (limits.request_timeout_s: the longest wait for the first token, then for each next one)."""
+        timeout = first_timeout or self.cfg.limits.request_timeout_s
         first, last = True, None
         self.metrics.in_flight.inc()
         try:
@@ -248,6 +323,7 @@ class Ingress:
                 if first:
                     self.metrics.ttft.labels(str(req.pop).lower()).observe(now - t0)
                     first = False
+                    timeout = self.cfg.limits.request_timeout_s
                 elif last is not None:
                     self.metrics.itl.observe((now - last) / len(items))
                 last = now
@@ -263,15 +339,18 @@ class Ingress:
         self.metrics.prompt_tokens.inc(prepared["prompt"].num_tokens)
         self.metrics.completion_tokens.inc(completion_tokens)
 
-    async def _complete(self, req, prepared, stream, rid, t0) -> JSONResponse:
+    async def _complete(self, req, prepared, tokens, rid, t0) -> JSONResponse:
         detok = Detokenizer(self.builder.tokenizer, req.stop)
         reason, count = None, 0
-        async for tok, fin in self._tokens(stream, req, prepared, rid, t0):
-            count += 1
-            detok.feed(tok)
-            reason = "stop" if detok.stopped else fin
-            if reason:
-                break
+        try:
+            async for tok, fin in tokens:
+                count += 1
+                detok.feed(tok)
+                reason = "stop" if detok.stopped else fin
+                if reason:
+                    break
+        finally:  # also when the client went away (the task is cancelled): frees the decode slot
+            await tokens.aclose()
         n = prepared["prompt"].num_tokens
         self._finish_metrics(prepared, count, t0)
         body = ChatCompletion(
@@ -281,7 +360,7 @@ class Ingress:
         )
         return JSONResponse(body.model_dump())
 
-    async def _sse(self, req, prepared, stream, rid, t0) -> AsyncIterator[str]:
+    async def _sse(self, req, prepared, tokens, rid, t0) -> AsyncIterator[str]:
         created, cid = int(time.time()), f"chatcmpl-{rid}"
 
         def chunk(delta: Delta, reason=None, usage=None, choices=True) -> str:
@@ -293,7 +372,7 @@ class Ingress:
         reason, count = None, 0
         yield chunk(Delta(role="assistant", content=""))
         try:
-            async for tok, fin in self._tokens(stream, req, prepared, rid, t0):
+            async for tok, fin in tokens:
                 count += 1
                 text = detok.feed(tok)
                 reason = "stop" if detok.stopped else fin
@@ -308,6 +387,8 @@ class Ingress:
             self.metrics.requests.labels(str(exc.status)).inc()
             yield f"data: {json.dumps(exc.body())}\n\n"
             return
+        finally:  # also when the client went away (the task is cancelled): frees the decode slot
+            await tokens.aclose()
         n = prepared["prompt"].num_tokens
         self._finish_metrics(prepared, count, t0)
         yield chunk(Delta(), reason=reason or "length")
@@ -315,3 +396,4 @@ class Ingress:
             yield chunk(Delta(), usage=Usage(prompt_tokens=n, completion_tokens=count, total_tokens=n + count),
                         choices=False)
         yield "data: [DONE]\n\n"
+

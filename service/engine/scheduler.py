@@ -58,7 +58,10 @@ class DecodeScheduler:
             raise BadRequest(f"prompt ({handoff.prompt_tokens} tokens) + max_tokens ({params.max_new_tokens}) "
                              f"exceeds the context length {dec.max_seq_len}", param="max_tokens",
                              code="context_length_exceeded")
-        if len(self.waiting) >= self.max_waiting and not dec.can_admit(handoff.num_tokens, params.max_new_tokens):
+        # Bounded: free slots (filled at the next step) plus max_waiting. Counting the free slots,
+        # not asking can_admit(), keeps a burst that lands between two steps within the bound.
+        free = max(0, dec.max_seqs - dec.num_running)
+        if len(self.waiting) >= self.max_waiting + free:
             raise Overloaded(f"decode is full: {dec.num_running} running, {len(self.waiting)} waiting")
         req = _Request(handoff, params, asyncio.Queue())
         self.waiting.append(req)

@@ -1,0 +1,315 @@
+"""Reliability over real HTTP on the "limits" app: API keys, SSRF refusals with remote image fetch
+on, overload past small queue limits, and (last, since they break replicas) replica kills.
+
+The app: tiny Qwen3-VL, api_keys, media.allow_remote_images, decode engine of 2 running + 2
+waiting sequences, small Serve queues, two prefill replicas, request_timeout_s 60.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from conftest import deploy
+from conftest import test_config as make_config
+from test_reliability import App, _png_url, assert_openai_error, load_soak
+
+APP = "limits"
+KEYS = ["sk-alpha-7c1e", "sk-beta-93d2"]
+AUTH = {"authorization": f"Bearer {KEYS[0]}"}
+REQUEST_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def lim(ray_cluster, qwen_dir):
+    from ray import serve
+
+    cfg = make_config(
+        qwen_dir, pop_off_prefill=False, api_keys=KEYS,
+        engine={"max_running_seqs": 2, "max_seq_len": 1024, "max_waiting": 2},
+        limits={"max_tokens_limit": 600, "max_tokens_default": 8, "request_timeout_s": REQUEST_TIMEOUT_S},
+        media={"allow_remote_images": True, "fetch_timeout_s": 2.0},
+        ingress={"max_ongoing_requests": 128, "max_queued_requests": 128},
+        encoder={"max_ongoing_requests": 8, "max_queued_requests": 8},
+        prefill={"num_replicas": 2, "max_ongoing_requests": 4, "max_queued_requests": 4},
+        decode={"max_ongoing_requests": 6, "max_queued_requests": 2})
+    app = App(APP, deploy(ray_cluster, APP, cfg), cfg.model_name(), headers=AUTH)
+    yield app
+    serve.delete(APP)
+
+
+# ---- auth -------------------------------------------------------------------------------------
+def test_api_keys(lim):
+    body = lim.body("hello")
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": f"Bearer {KEYS[0]}x"},
+                    {"authorization": KEYS[0]}, {"authorization": f"Basic {KEYS[0]}"}):
+        r = httpx.post(lim.chat_url, json=body, headers=headers, timeout=30)
+        assert_openai_error(r, 401, "invalid_api_key")
+        assert r.headers["www-authenticate"] == "Bearer"
+    # Checked before the body is read: no key, no parsing (not a 400 or 413).
+    assert_openai_error(httpx.post(lim.chat_url, content=b"{garbage", timeout=30), 401, "invalid_api_key")
+    assert_openai_error(httpx.post(lim.chat_url, content=b"x" * 3 * 2**20, timeout=30), 401)
+    for key in KEYS:
+        r = httpx.post(lim.chat_url, json=body, headers={"authorization": f"Bearer {key}"}, timeout=60)
+        assert r.status_code == 200, r.text
+    assert_openai_error(httpx.get(f"{lim.base_url}/v1/models", timeout=30), 401)
+    assert httpx.get(f"{lim.base_url}/v1/models", headers=AUTH, timeout=30).json()["data"][0]["id"] == lim.model
+    assert httpx.get(f"{lim.base_url}/health", timeout=30).status_code == 200  # probes stay open
+    m = httpx.get(f"{lim.base_url}/metrics", timeout=30)  # open: protect_metrics is off here
+    assert m.status_code == 200 and "popserve_requests_total" in m.text
+    assert any(line.startswith("popserve_errors_total{") and 'status="401"' in line
+               and 'code="invalid_api_key"' in line and float(line.split()[-1]) >= 7 for line in m.text.splitlines())
+
+
+# ---- SSRF over HTTP (remote fetch on) ---------------------------------------------------------
+class _Counting(BaseHTTPRequestHandler):
+    hits = 0
+
+    def do_GET(self):
+        type(self).hits += 1
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *a):
+        pass
+
+
+def test_ssrf_targets_are_refused_by_the_server(lim, ray_cluster, monkeypatch):
+    """Loopback (a live server the test runs, which must see no request), private, link-local,
+    cloud-metadata and mapped addresses, metadata hostnames and non-http schemes: all refused
+    fast, before any connection. Each URL is first checked in-process with DNS and sockets
+    guarded, so nothing is ever sent to a non-loopback address even if the check were broken."""
+    from popserve.service import media
+    from popserve.service.config import Media
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Counting)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    urls = [
+        f"http://127.0.0.1:{port}/cat.png", f"http://127.0.0.1:{ray_cluster}/{APP}/health",
+        f"http://[::1]:{port}/cat.png", f"http://[::ffff:127.0.0.1]:{port}/cat.png", f"http://0.0.0.0:{port}/x",
+        "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+        "http://[fd00:ec2::254]/latest/meta-data/", "http://100.100.100.200/latest/meta-data/",
+        "http://10.0.0.1/cat.png", "http://172.16.0.1/cat.png", "http://192.168.1.1/cat.png",
+        "http://[64:ff9b::a9fe:a9fe]/latest/", "http://metadata.google.internal/computeMetadata/v1/",
+        "file:///etc/passwd", "ftp://127.0.0.1/x.png", "gopher://127.0.0.1:70/_x",
+    ]
+
+    async def numeric_only(host, port):
+        ipaddress.ip_address(host)  # raises for names: no DNS from this check
+        return [host]
+
+    monkeypatch.setattr(media, "resolve_host", numeric_only)
+    for url in urls:
+        with pytest.raises(Exception) as info:
+            asyncio.run(media.check_url(url, Media(allow_remote_images=True)))
+        assert getattr(info.value, "status", None) == 400, (url, info.value)
+    monkeypatch.undo()
+    try:
+        for url in urls:
+            body = lim.body("what is this?", images=[url])
+            t0 = time.monotonic()
+            r = lim.post(body, timeout=30)
+            err = assert_openai_error(r, 400)
+            assert err["code"] in ("host_not_allowed", "invalid_image_url"), (url, err)
+            assert time.monotonic() - t0 < 5, url
+        assert _Counting.hits == 0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert lim.answer("still serving?", images=[_png_url()])
+
+
+# ---- overload ---------------------------------------------------------------------------------
+def _prompts():
+    return [f"Question {i}: " + " ".join(["tell me about the sea"] * (1 + i)) for i in range(6)]
+
+
+async def _flood(lim: App, prompts, copies: int, max_tokens: int):
+    async def one(client, text, stream):
+        body = lim.body(text, max_tokens=max_tokens, stream=stream)
+        t0 = time.monotonic()
+        r = await client.post(lim.chat_url, json=body, headers=AUTH)
+        elapsed = time.monotonic() - t0
+        text_out = None
+        if r.status_code == 200:
+            if stream:
+                events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+                assert events[-1] == "[DONE]", r.text[-400:]
+                text_out = "".join(json.loads(e)["choices"][0]["delta"].get("content") or ""
+                                   for e in events[:-1] if json.loads(e).get("choices"))
+            else:
+                text_out = r.json()["choices"][0]["message"]["content"]
+        return text, r, elapsed, text_out
+
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        jobs = [one(client, p, k % 3 == 2) for k in range(copies) for p in prompts]
+        return await asyncio.gather(*jobs)
+
+
+def _rss(pid: int) -> int:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss
+
+
+def test_overload_is_rejected_fast_and_accepted_requests_are_exact(lim):
+    prompts = _prompts()
+    alone = {p: lim.answer(p, max_tokens=24) for p in prompts}
+    assert len(set(alone.values())) > 1
+    pids = {s: lim.pid(s) for s in ("Ingress", "Decode")}
+    rss = []
+    totals = {"ok": 0, "rejected": 0}
+    for wave in range(3):
+        results = asyncio.run(_flood(lim, prompts, copies=6, max_tokens=24))
+        ok = [(p, t, e) for p, r, e, t in results if r.status_code == 200]
+        rejected = [(r, e) for _, r, e, _ in results if r.status_code != 200]
+        for p, text, _ in ok:
+            assert text == alone[p], (p, text, alone[p])
+        for r, elapsed in rejected:
+            err = assert_openai_error(r, r.status_code)
+            assert r.status_code in (429, 503), r.text
+            assert err["code"] == "overloaded", err
+            assert int(r.headers["retry-after"]) >= 1
+        slowest_rejection = max((e for _, e in rejected), default=0)
+        assert slowest_rejection < 5.0, slowest_rejection
+        assert len(ok) >= 4 and len(rejected) >= 6, (len(ok), len(rejected))
+        totals["ok"] += len(ok)
+        totals["rejected"] += len(rejected)
+        rss.append({s: _rss(pid) for s, pid in pids.items()})
+    for stage in pids:  # bounded queues: the third wave costs no more memory than the first
+        grown = rss[2][stage] - rss[0][stage]
+        assert grown < 64 * 2**20, f"{stage} RSS grew {grown / 2**20:.0f} MiB over two flood waves"
+    text = lim.metrics()
+    assert "popserve_decode_running_sequences 0.0" in text
+    assert lim.answer(prompts[0], max_tokens=24) == alone[prompts[0]]
+
+
+# ---- replica failures (last: they kill replicas of this app) ----------------------------------
+def _replica_actors(stage: str) -> list[str]:
+    import ray
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith(f"SERVE_REPLICA::{APP}#{stage}#"))
+
+
+def _kill(name: str) -> None:
+    import ray
+
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+
+
+def _wait_until_serving(lim: App, text: str, limit: float = 180.0) -> str:
+    t0 = time.monotonic()
+    last = None
+    while time.monotonic() - t0 < limit:
+        try:
+            r = lim.post(lim.body(text, max_tokens=12), timeout=REQUEST_TIMEOUT_S * 2 + 10)
+            if r.status_code == 200:
+                return r.json()["choices"][0]["message"]["content"]
+            last = r.text
+            assert r.status_code in (503, 500) or r.status_code == 408, r.text
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(1.0)
+    raise AssertionError(f"the app did not recover within {limit}s: {last}")
+
+
+def test_killing_decode_ends_running_streams_with_an_error_and_retries_waiting_requests(lim):
+    """Two long streams fill the decode batch (2 slots), two more requests wait for a slot. The
+    decode replica is killed: the streams end promptly with an SSE error event and no [DONE]; the
+    waiting requests had no token yet, so the ingress retries them once, and they complete,
+    exactly, on the replica Serve starts in its place."""
+    text = "Tell me about the sea"
+    before = lim.answer(text, max_tokens=12)
+    [decode] = _replica_actors("Decode")
+    long_body = lim.body("Tell me a very long story about the sea", max_tokens=590, stream=True)
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S * 3) as client:
+            async def open_stream():
+                r = await client.send(client.build_request("POST", lim.chat_url, json=long_body, headers=AUTH),
+                                      stream=True)
+                assert r.status_code == 200
+                lines = r.aiter_lines()
+                async for line in lines:
+                    if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                        return r, lines
+                raise AssertionError("no first token")
+
+            async def rest(r, lines):
+                events = [line[6:] async for line in lines if line.startswith("data: ")]
+                await r.aclose()
+                return events, time.monotonic()
+
+            streams = await asyncio.gather(open_stream(), open_stream())
+            waiting = [asyncio.create_task(client.post(lim.chat_url, headers=AUTH, json=lim.body(text, max_tokens=12)))
+                       for _ in range(2)]
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 10:
+                m = (await client.get(f"{lim.base_url}/metrics")).text
+                if 'popserve_stage_queue_depth{stage="decode"} 2.0' in m:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the two requests never queued in decode")
+            _kill(decode)
+            t_kill = time.monotonic()
+            ended = await asyncio.gather(*(rest(*s) for s in streams))
+            return t_kill, ended, await asyncio.gather(*waiting)
+
+    t_kill, ended, waited = asyncio.run(scenario())
+    for events, t_end in ended:
+        assert events and "[DONE]" not in events, events[-3:]
+        err = json.loads(events[-1])["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["code"] == "replica_failed", err
+        assert t_end - t_kill < 10.0, t_end - t_kill
+    for r in waited:
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == before
+    assert _replica_actors("Decode") and _replica_actors("Decode") != [decode]
+    assert _wait_until_serving(lim, text) == before
+
+
+def test_killing_a_prefill_replica_is_retried_and_dead_handoffs_are_never_decoded(lim):
+    from ray import serve
+
+    text = "Tell me about the boy who lived near the sea"
+    before = lim.answer(text, max_tokens=12)
+    replicas = _replica_actors("Prefill")
+    assert len(replicas) == 2, replicas
+    decode = serve.get_deployment_handle("Decode", app_name=APP)
+    handoffs_before = decode.stats.remote().result()["handoffs"]
+
+    async def burst():  # the kill lands while the burst is being prefilled or routed
+        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S * 3) as client:
+            jobs = [asyncio.create_task(client.post(lim.chat_url, headers=AUTH, json=lim.body(text, max_tokens=12)))
+                    for _ in range(4)]
+            await asyncio.sleep(0.05)
+            _kill(replicas[0])
+            return await asyncio.gather(*jobs)
+
+    t0 = time.monotonic()
+    results = asyncio.run(burst())
+    assert time.monotonic() - t0 < REQUEST_TIMEOUT_S * 2
+    ok = 0
+    for r in results:
+        if r.status_code == 200:
+            assert r.json()["choices"][0]["message"]["content"] == before
+            ok += 1
+        else:  # or a clean failure, never a hang or a bare 500
+            assert_openai_error(r, 503, "replica_failed")
+            assert int(r.headers["retry-after"]) >= 1
+    assert ok == len(results), [r.status_code for r in results]  # prefill is retried on the live replica
+    handoffs = decode.stats.remote().result()["handoffs"] - handoffs_before
+    assert handoffs == ok  # only handoffs of live producers reached the decode pool
+    assert _wait_until_serving(lim, text) == before
