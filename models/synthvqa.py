@@ -282,6 +282,7 @@ def tokenizer_corpus(n: int = 20000, seed: int = 99) -> list[str]:
             lines += [qa[0], qa[1]]
     words = list(COLORS) + list(SHAPES) + list(SIZES) + NUMBERS + NAMES + [n.capitalize() for n in NAMES]
     lines += [" ".join(words)] * 50
+    lines += ["user\nmodel\nassistant\nsystem\n"] * 50  # the chat template's role names
     lines += [str(i) for i in range(100)]
     return lines
 

@@ -1,6 +1,6 @@
 """Train small Qwen3-VL / Gemma-3 models from scratch on SynthVQA (CPU, one thread).
 
-    popserve train --family qwen3-vl --out models/checkpoints/qwen3-vl-shapes --steps 1200
+    popserve train --family qwen3-vl --out models/checkpoints/qwen3-vl-shapes --steps 700
 
 The checkpoint is a normal transformers directory (config, fp32 safetensors, generation config,
 tokenizer with the family's special tokens and chat template, the family's real processor), so
@@ -199,35 +199,58 @@ def loss_and_acc(model, batch) -> tuple[torch.Tensor, float]:
 # ---- training --------------------------------------------------------------------------------
 def train(family: str, out: str | Path, steps: int, batch_size: int = 24, lr: float = 2e-3,
           layers: int = 12, seed: int = 0, threads: int = 1, warmup: int = 60,
-          max_minutes: float = 28.0, log_every: int = 25) -> dict:
+          max_minutes: float = 28.0, log_every: int = 25, init_from: str | Path | None = None,
+          data_seed: int | None = None, vision_lr_mult: float = 1.0) -> dict:
     from tqdm import tqdm
 
     torch.set_num_threads(threads)
     random.seed(seed)
     torch.manual_seed(seed)
-    model, processor = build_model(family, layers, seed)
+    prior = None
+    if init_from:  # a second stage: continue training a checkpoint written by this function
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model = AutoModelForImageTextToText.from_pretrained(init_from, dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(init_from)
+        prior_path = Path(init_from) / "training.json"
+        prior = json.loads(prior_path.read_text()) if prior_path.exists() else None
+    else:
+        model, processor = build_model(family, layers, seed)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     pad_id = processor.tokenizer.pad_token_id
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+    groups: dict[tuple, list] = {}
+    for n, p in model.named_parameters():
+        vision = any(v in n for v in ("visual", "vision_tower", "multi_modal_projector"))
+        decays = p.ndim >= 2 and "embed" not in n
+        groups.setdefault((vision_lr_mult if vision else 1.0, 0.01 if decays else 0.0), []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "weight_decay": wd, "lr_mult": mult} for (mult, wd), ps in groups.items()],
                             lr=lr, betas=(0.9, 0.98))
+
+    c0 = time.process_time()
+
+    def progress(step):
+        # Step-driven (reproducible). The budget is CPU time of this process (one thread: minutes of
+        # one core), so other jobs on a shared machine stretch the wall clock but not the result;
+        # on a slower machine the budget drives the cosine schedule so the run still anneals.
+        return max(step / steps, (time.process_time() - c0) / 60 / max_minutes)
 
     def lr_at(step):
         if step < warmup:
             return lr * (step + 1) / warmup
-        return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
+        return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress(step)))))
 
-    data = synthvqa.stream(seed)  # the training stream; held-out sets use other seeds
+    # The training stream; held-out sets use other seeds (synthvqa.HELDOUT_SEED, EVAL_SEED).
+    data = synthvqa.stream(seed if data_seed is None else data_seed)
     history, t0 = [], time.time()
     ema_loss, ema_acc = None, None
+    time_limited = False
     bar = tqdm(range(steps), desc=f"train {family}", unit="step", dynamic_ncols=True)
     done = 0
     for step in bar:
         batch = collate([encode_sample(processor, family, next(data)) for _ in range(batch_size)], family, pad_id)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr_at(step) * g["lr_mult"]
         loss, acc = loss_and_acc(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -240,8 +263,9 @@ def train(family: str, out: str | Path, steps: int, batch_size: int = 24, lr: fl
         if done % log_every == 0 or done == steps:
             history.append(dict(step=done, loss=round(ema_loss, 4), tf_acc=round(ema_acc, 3),
                                 elapsed_s=round(time.time() - t0, 1)))
-        if (time.time() - t0) / 60 > max_minutes:
-            print(f"stopping at step {done}: time budget of {max_minutes} min reached")
+        if progress(done) >= 1.0 and done < steps:
+            time_limited = True
+            print(f"stopping at step {done}: CPU budget of {max_minutes} min reached")
             break
     bar.close()
     elapsed = time.time() - t0
@@ -254,9 +278,15 @@ def train(family: str, out: str | Path, steps: int, batch_size: int = 24, lr: fl
     model.generation_config.pad_token_id = pad_id
     model.save_pretrained(out)  # fp32 safetensors
     processor.save_pretrained(out)
-    info = dict(family=family, params=n_params, layers=layers, steps=done, planned_steps=steps,
-                batch_size=batch_size, lr=lr, seed=seed, threads=threads, train_seconds=round(elapsed, 1),
+    info = dict(family=family, params=n_params, layers=layers, steps=done, planned_steps=steps, time_limited=time_limited,
+                cpu_seconds=round(time.process_time() - c0, 1),
+                batch_size=batch_size, lr=lr, vision_lr_mult=vision_lr_mult, seed=seed, threads=threads, wall_seconds=round(elapsed, 1),
                 samples_seen=done * batch_size, history=history)
+    info["data_seed"] = seed if data_seed is None else data_seed
+    if prior is not None:
+        info["init_from"] = str(init_from)
+        info["previous_stages"] = prior.get("previous_stages", []) + [{k: v for k, v in prior.items()
+                                                                     if k != "previous_stages"}]
     (out / "training.json").write_text(json.dumps(info, indent=2))
     print(f"saved {family} ({n_params / 1e6:.2f}M params, {done} steps, {elapsed / 60:.1f} min) to {out}")
     return info
@@ -311,7 +341,8 @@ def accuracy(model_dir, samples, pop_ratio: float = 0.0, batch: int = 8) -> tupl
 def run_train_cli(args) -> int:
     torch.set_num_threads(args.threads)
     info = train(args.family, args.out, args.steps, args.batch_size, args.lr, args.layers, args.seed,
-                 args.threads, max_minutes=args.max_minutes)
+                 args.threads, warmup=args.warmup, max_minutes=args.max_minutes, init_from=args.init_from,
+                 data_seed=args.data_seed, vision_lr_mult=args.vision_lr_mult)
     if args.heldout:
         acc, _ = accuracy(args.out, synthvqa.make_dataset(args.heldout, synthvqa.HELDOUT_SEED))
         info["heldout_accuracy"] = acc
@@ -319,18 +350,3 @@ def run_train_cli(args) -> int:
         (Path(args.out) / "training.json").write_text(json.dumps(info, indent=2))
         print(f"held-out accuracy (n={args.heldout}, seed {synthvqa.HELDOUT_SEED}, full model): {acc:.3f}")
     return 0
-
-
-def add_train_parser(sub) -> None:
-    t = sub.add_parser("train", help="train a small model from scratch on SynthVQA (CPU)")
-    t.add_argument("--family", required=True, choices=["qwen3-vl", "gemma3"])
-    t.add_argument("--out", required=True)
-    t.add_argument("--steps", type=int, default=1200)
-    t.add_argument("--batch-size", type=int, default=24)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--layers", type=int, default=12)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=1)
-    t.add_argument("--max-minutes", type=float, default=28.0, help="stop early (and save) past this")
-    t.add_argument("--heldout", type=int, default=200, help="held-out questions to score at the end (0: skip)")
-    t.set_defaults(func=run_train_cli)

@@ -516,8 +516,9 @@ def test_fit_check_rejects_what_would_not_schedule():
         check_fit(broken_rayservice(set_args(decode__num_gpus=0.6)))
     with pytest.raises(AssertionError, match="CPUs"):
         check_fit(broken_rayservice(set_args(ingress__autoscaling__max_replicas=40)))
-    # The default A/B prefill deployment asks for no CPU and no GPU: it could land on the head.
-    with pytest.raises(AssertionError, match="PrefillFull could land on the head"):
+    # The A/B full-prefill deployment takes the prefill stage's resources: turning it on without
+    # room for it on the GPU workers must not pass.
+    with pytest.raises(AssertionError, match="GPUs"):
         check_fit(broken_rayservice(set_args(pop_off_prefill=True)))
     # A replica bigger than a pod.
     with pytest.raises(AssertionError, match="num_cpus"):
