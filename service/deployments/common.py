@@ -13,8 +13,9 @@ def setup_replica(cfg: ServeConfig) -> None:
     import torch
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1" if cfg.model and os.path.isdir(cfg.model) else "0")
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
+    # Ray pins OMP_NUM_THREADS to an actor's num_cpus (1 when 0): a prefill replica would use one
+    # core. Default to every core; set torch_threads to partition a big node between replicas.
+    torch.set_num_threads(cfg.torch_threads or os.cpu_count() or 1)
 
 
 def deployment_options(name: str, s: DeploymentSettings, cfg: ServeConfig) -> dict:
