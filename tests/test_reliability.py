@@ -22,8 +22,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import deploy
-from conftest import test_config as make_config
+from popserve_testing import deploy
+from popserve_testing import server_config as make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "rel"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,9 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from conftest import deploy
-from conftest import test_config as make_config
-from test_reliability import App, _png_url, assert_openai_error, load_soak
+from popserve_testing import deploy
+from popserve_testing import server_config as make_config
+from test_reliability import App, _png_url, assert_openai_error
 
 APP = "limits"
 KEYS = ["sk-alpha-7c1e", "sk-beta-93d2"]

@@ -98,9 +98,9 @@ def test_demo_in_process(answerer):
 # ---- over HTTP: the disaggregated server ------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained_url(ray_cluster):
-    from conftest import deploy, test_config
+    from popserve_testing import deploy, server_config
 
-    return deploy(ray_cluster, "trained", test_config(DEFAULT))
+    return deploy(ray_cluster, "trained", server_config(DEFAULT))
 
 
 def _ask(url, body) -> str:

@@ -1,0 +1,52 @@
+"""Helpers for tests that run a real popserve on a real local Ray cluster (imported by conftest)."""
+from __future__ import annotations
+
+
+class Server:
+    def __init__(self, family, base_url, model_name, model_dir, app_name):
+        self.family, self.base_url, self.model_name = family, base_url, model_name
+        self.model_dir, self.app_name = model_dir, app_name
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_config(model_dir, **overrides):
+    """The config the test servers run: small limits so tests reach them quickly."""
+    from popserve.service.config import ServeConfig
+
+    base = {"model": str(model_dir), "dtype": "float32", "device": "cpu", "torch_threads": 1,
+            "engine": {"max_running_seqs": 16, "max_seq_len": 1024, "max_waiting": 64},
+            "limits": {"max_tokens_limit": 256, "max_images_per_request": 3}}
+    for k, v in overrides.items():
+        base[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return ServeConfig.model_validate(base)
+
+
+def deploy(port: int, app_name: str, cfg, timeout: float = 300.0) -> str:
+    """serve.run the real app builder under /<app_name>; wait for /health; return its base URL."""
+    import time
+
+    import httpx
+    from ray import serve
+
+    from popserve.service.app import build_app
+
+    serve.run(build_app(cfg), name=app_name, route_prefix=f"/{app_name}", blocking=False)
+    base = f"http://127.0.0.1:{port}/{app_name}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                return base
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{app_name} did not become healthy")
+
+
