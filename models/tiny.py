@@ -78,7 +78,9 @@ def _corpus(n_words: int, seed: int) -> list[str]:
     return lines
 
 
-def train_tokenizer(family: str, vocab_size: int, seed: int = 0):
+def train_tokenizer(family: str, vocab_size: int, seed: int = 0, corpus=None):
+    """Byte-level BPE with the family's special tokens, eos and chat template, trained on `corpus`
+    (an iterable of strings; default: generated English-like text)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -90,7 +92,7 @@ def train_tokenizer(family: str, vocab_size: int, seed: int = 0):
         vocab_size=vocab_size, special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tok.train_from_iterator(_corpus(200_000, seed), trainer=trainer)
+    tok.train_from_iterator(_corpus(200_000, seed) if corpus is None else corpus, trainer=trainer)
     if family == "qwen3-vl":
         return PreTrainedTokenizerFast(
             tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from . import synthvqa
-from .tiny import GEMMA_CHAT_TEMPLATE, GEMMA_SPECIALS, QWEN_CHAT_TEMPLATE, QWEN_SPECIALS
+from . import tiny
+from .tiny import GEMMA_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE
 
 END_OF_TURN = {"qwen3-vl": "<|im_end|>", "gemma3": "<end_of_turn>"}
 
@@ -30,34 +31,9 @@ TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=12, num_at
 
 # ---- tokenizer -------------------------------------------------------------------------------
 def train_tokenizer(family: str, vocab_size: int = 384):
-    """Byte-level BPE trained on the task's text (so task words are single tokens), with the
-    family's real special tokens, eos and chat template (as in models/tiny.py)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = QWEN_SPECIALS if family == "qwen3-vl" else GEMMA_SPECIALS
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(synthvqa.tokenizer_corpus(), trainer=trainer)
-    if family == "qwen3-vl":
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-            chat_template=QWEN_CHAT_TEMPLATE,
-            extra_special_tokens={
-                "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>",
-            },
-        )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        chat_template=GEMMA_CHAT_TEMPLATE,
-        extra_special_tokens={
-            "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>",
-        },
-    )
+    """The tiny checkpoints' tokenizer recipe, trained on the task's text (task words become
+    single tokens)."""
+    return tiny.train_tokenizer(family, vocab_size, corpus=synthvqa.tokenizer_corpus())
 
 
 # ---- configs ---------------------------------------------------------------------------------
