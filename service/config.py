@@ -40,6 +40,9 @@ class DeploymentSettings(_Strict):
     max_queued_requests: int = Field(256, ge=-1)  # beyond it callers get 503 at once; -1: unbounded
     num_cpus: float = Field(0.0, ge=0)
     num_gpus: float = Field(0.0, ge=0, le=8)
+    # torch intra-op threads of each replica; None: every core of the node. Stages that run at the
+    # same time on one CPU pool must not oversubscribe it (docs/performance.md).
+    torch_threads: Optional[int] = Field(None, ge=1)
 
 
 class Limits(_Strict):
@@ -85,7 +88,6 @@ class ServeConfig(_Strict):
     encoder_cache_bytes: int = Field(256 * 2**20, ge=0)
     # Zero-copy reads of torch tensors from Ray's shared-memory object store (CPU path).
     zero_copy_tensors: bool = True
-    torch_threads: Optional[int] = Field(None, ge=1)  # per replica; None: torch's default
     # A second prefill deployment at ratio 0 serves requests with "pop": false (A/B checks).
     pop_off_prefill: bool = True
 
@@ -93,7 +95,10 @@ class ServeConfig(_Strict):
     encoder: DeploymentSettings = Field(default_factory=DeploymentSettings)
     prefill: DeploymentSettings = Field(default_factory=DeploymentSettings)
     prefill_full: Optional[DeploymentSettings] = None  # None: the same settings as prefill
-    decode: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(max_ongoing_requests=128))
+    # Decode runs one thread: its small matmuls lose more to thread barriers than they gain
+    # (bench: 86 ms/step at 1 thread vs 98 at 2, batch 1), and the other core stays free for prefill.
+    decode: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(max_ongoing_requests=128, torch_threads=1))
     engine: DecodeEngine = Field(default_factory=DecodeEngine)
     limits: Limits = Field(default_factory=Limits)
     media: Media = Field(default_factory=Media)
@@ -129,6 +134,10 @@ class ServeConfig(_Strict):
         if cfg.served_model_name is None:
             cfg.served_model_name = Path(cfg.model).name if Path(cfg.model).exists() else cfg.model
         return cfg
+
+    def stage(self, name: str) -> DeploymentSettings:
+        """A stage's settings by field name; prefill_full mirrors prefill unless set."""
+        return (self.prefill_full or self.prefill) if name == "prefill_full" else getattr(self, name)
 
     def model_name(self) -> str:
         return self.served_model_name or (Path(self.model).name if self.model else "popserve-default")

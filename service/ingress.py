@@ -169,6 +169,7 @@ class Ingress:
             self.authorize(request)
             req = await self._parse(request)
             prepared = await self._prepare(req)
+            self.metrics.stage.labels("prepare").observe(time.perf_counter() - t0)
         except ServeError as exc:
             return self.error_response(exc, rid)
         except Exception as exc:  # a bug, not the client's fault
@@ -305,7 +306,7 @@ class Ingress:
         """Token ids from decode, with TTFT / ITL metrics and a per-token timeout
         (limits.request_timeout_s: the longest wait for the first token, then for each next one)."""
         timeout = first_timeout or self.cfg.limits.request_timeout_s
-        first, last = True, None
+        first, last, launched = True, None, time.perf_counter()
         self.metrics.in_flight.inc()
         try:
             while True:
@@ -322,6 +323,7 @@ class Ingress:
                 now = time.perf_counter()
                 if first:
                     self.metrics.ttft.labels(str(req.pop).lower()).observe(now - t0)
+                    self.metrics.stage.labels("first_token").observe(now - launched)
                     first = False
                     timeout = self.cfg.limits.request_timeout_s
                 elif last is not None:

@@ -19,7 +19,9 @@ class Metrics:
                              buckets=ITL, registry=r)
         self.e2e = Histogram("popserve_request_latency_seconds", "End-to-end request latency",
                              buckets=LAT, registry=r)
-        self.stage = Histogram("popserve_stage_latency_seconds", "Latency of each stage as the ingress sees it",
+        # prepare: parse, fetch and tokenize; first_token: stages launched -> first token back
+        # (encode + prefill + handoff + boundary step). The stages' own time: stage_busy_seconds.
+        self.stage = Histogram("popserve_stage_latency_seconds", "Request phases as the ingress sees them",
                                ["stage"], buckets=LAT, registry=r)
         self.prompt_tokens = Counter("popserve_prompt_tokens", "Prompt tokens", registry=r)
         self.completion_tokens = Counter("popserve_completion_tokens", "Generated tokens", registry=r)
@@ -37,6 +39,10 @@ class Metrics:
         self.handoffs = Gauge("popserve_kv_handoffs_total", "KV handoffs received by decode", registry=r)
         self.skipped = Gauge("popserve_pop_layers_skipped", "Decoder layers skipped in prefill", ["deployment"],
                              registry=r)
+        self.busy = Gauge("popserve_stage_busy_seconds_total", "Compute time spent by each stage (one replica)",
+                          ["stage"], registry=r)
+        self.batches = Gauge("popserve_stage_batches_total", "Batches (decode: steps) run by each stage (one replica)",
+                             ["stage"], registry=r)
         self.layers = Gauge("popserve_model_layers", "Decoder layers of the served model", registry=r)
         self.cache_hits = Gauge("popserve_encoder_cache_hits_total", "Image feature cache hits", registry=r)
 
@@ -45,6 +51,9 @@ class Metrics:
         for name in ("encoder", "prefill", "prefill_full"):
             if name in stats:
                 self.queue.labels(name).set(stats[name].get("in_flight", 0))
+        for name, s in stats.items():
+            self.busy.labels(name).set(s["busy_seconds"])
+            self.batches.labels(name).set(s.get("batches", s.get("steps", 0)))
         if dec:
             self.queue.labels("decode").set(dec["waiting"])
             self.running.set(dec["running"])

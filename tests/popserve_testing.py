@@ -20,7 +20,9 @@ def server_config(model_dir, **overrides):
     """The config the test servers run: small limits so tests reach them quickly."""
     from popserve.service.config import ServeConfig
 
-    base = {"model": str(model_dir), "dtype": "float32", "device": "cpu", "torch_threads": 1,
+    one = {"torch_threads": 1}  # tests share a busy 2-core machine
+    base = {"model": str(model_dir), "dtype": "float32", "device": "cpu",
+            "encoder": one, "prefill": one, "decode": one,
             "engine": {"max_running_seqs": 16, "max_seq_len": 1024, "max_waiting": 64},
             "limits": {"max_tokens_limit": 256, "max_images_per_request": 3}}
     for k, v in overrides.items():

@@ -184,7 +184,11 @@ def test_stages_are_separate_actors_and_prefill_is_pruned(servers):
     pids = {}
     for stage in ("VisionEncoder", "Prefill", "PrefillFull", "Decode"):
         assert any(f"{server.app_name}#{stage}#" in n for n in named), f"no replica actor for {stage}: {named}"
-        pids[stage] = serve.get_deployment_handle(stage, app_name=server.app_name).stats.remote().result()["pid"]
+        info = serve.get_deployment_handle(stage, app_name=server.app_name).stats.remote().result()
+        pids[stage] = info["pid"]
+        # Each stage runs its own configured thread count (tests: 1; the default would be every
+        # core) and waits passively, so that stages sharing cores don't spin against each other.
+        assert info["torch_threads"] == 1 and info["omp_wait_policy"] == "PASSIVE", (stage, info)
     assert len(set(pids.values())) == len(pids), f"stages share a process: {pids}"
 
     handle = serve.get_deployment_handle("Prefill", app_name=server.app_name)
@@ -239,3 +243,15 @@ def test_health_models_metrics(servers):
     assert float(handed[0].split()[-1]) > 0
     skipped = [line for line in m.splitlines() if line.startswith('popserve_pop_layers_skipped{deployment="prefill"}')]
     assert float(skipped[0].split()[-1]) == 2.0
+
+    def value(prefix):
+        lines = [line for line in m.splitlines() if line.startswith(prefix)]
+        assert lines, prefix
+        return float(lines[0].split()[-1])
+
+    # Request phases seen by the ingress, and each stage's own compute time.
+    assert value('popserve_stage_latency_seconds_count{stage="prepare"}') >= 1
+    assert value('popserve_stage_latency_seconds_count{stage="first_token"}') >= 1
+    for stage in ("prefill", "decode"):
+        assert value(f'popserve_stage_busy_seconds_total{{stage="{stage}"}}') > 0
+        assert value(f'popserve_stage_batches_total{{stage="{stage}"}}') >= 1

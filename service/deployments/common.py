@@ -9,17 +9,28 @@ from ..config import DeploymentSettings, ServeConfig
 logger = logging.getLogger("ray.serve")
 
 
-def setup_replica(cfg: ServeConfig) -> None:
+def setup_replica(cfg: ServeConfig, stage: DeploymentSettings) -> None:
     import torch
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1" if cfg.model and os.path.isdir(cfg.model) else "0")
     # Ray pins OMP_NUM_THREADS to an actor's num_cpus (1 when 0): a prefill replica would use one
-    # core. Default to every core; set torch_threads to partition a big node between replicas.
-    torch.set_num_threads(cfg.torch_threads or os.cpu_count() or 1)
+    # core. Default to every core; the stage's torch_threads partitions a node between replicas.
+    torch.set_num_threads(stage.torch_threads or os.cpu_count() or 1)
+
+
+def replica_info() -> dict:
+    """Which process this is and the thread layout it really runs with (for operators and tests)."""
+    import torch
+
+    return {"pid": os.getpid(), "torch_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 
 def deployment_options(name: str, s: DeploymentSettings, cfg: ServeConfig) -> dict:
-    env = {"TOKENIZERS_PARALLELISM": "false"}
+    # Stages share the node's cores. OpenMP's default spin-waiting makes replicas that run at once
+    # steal each other's cores: measured on 2 cores, a decode step took 2.2 s instead of 0.2 s
+    # next to a running prefill. Passive waiting yields the core (docs/performance.md).
+    env = {"TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
     if cfg.zero_copy_tensors:
         # Map torch tensors straight out of Ray's shared-memory store instead of copying them.
         env["RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"] = "1"

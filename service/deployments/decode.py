@@ -1,7 +1,6 @@
 """Decode deployment: full-depth model, continuous batching, tokens streamed back."""
 from __future__ import annotations
 
-import os
 from typing import AsyncIterator
 
 from ray import serve
@@ -13,14 +12,14 @@ from popserve.models.sampling import SamplingParams
 
 from ..config import ServeConfig
 from ..engine.scheduler import DecodeScheduler
-from .common import setup_replica
+from .common import replica_info, setup_replica
 
 
 @serve.deployment
 class DecodeStage:
     def __init__(self, cfg: dict):
         self.cfg = ServeConfig.model_validate(cfg)
-        setup_replica(self.cfg)
+        setup_replica(self.cfg, self.cfg.decode)
         eng = self.cfg.engine
         decoder = FullDecoder(self.cfg.model, self.cfg.pop_ratio, self.cfg.dtype, self.cfg.device,
                               max_seqs=eng.max_running_seqs, max_seq_len=eng.max_seq_len)
@@ -32,7 +31,7 @@ class DecodeStage:
             yield items
 
     def stats(self) -> dict:  # "pid": operators (and tests) can tell replicas apart
-        return {**self.scheduler.stats(), "param_bytes": self.scheduler.decoder.param_bytes(), "pid": os.getpid()}
+        return {**self.scheduler.stats(), "param_bytes": self.scheduler.decoder.param_bytes(), **replica_info()}
 
     def ready(self) -> bool:
         return True

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import collections
 import time
 
@@ -12,7 +11,7 @@ from popserve.models.encoder import VisionEncoder
 from popserve.models.families import ImageFeatures, PixelInputs
 
 from ..config import ServeConfig
-from .common import setup_replica
+from .common import replica_info, setup_replica
 
 
 class FeatureCache:
@@ -46,7 +45,7 @@ class FeatureCache:
 class VisionEncoderStage:
     def __init__(self, cfg: dict):
         self.cfg = ServeConfig.model_validate(cfg)
-        setup_replica(self.cfg)
+        setup_replica(self.cfg, self.cfg.encoder)
         self.runner = VisionEncoder(self.cfg.model, self.cfg.dtype, self.cfg.device)
         self.cache = FeatureCache(self.cfg.encoder_cache_bytes)
         self.images = self.batches = self.in_flight = 0
@@ -79,7 +78,7 @@ class VisionEncoderStage:
         return {"images": self.images, "batches": self.batches, "busy_seconds": self.busy_s,
                 "cache_hits": self.cache.hits, "cache_misses": self.cache.misses,
                 "cache_bytes": self.cache.bytes, "param_bytes": self.runner.param_bytes(),
-                "in_flight": self.in_flight, "pid": os.getpid()}
+                "in_flight": self.in_flight, **replica_info()}
 
     def ready(self) -> bool:
         return True

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from typing import Optional
 
@@ -15,7 +14,7 @@ from popserve.models.prefill import PrefillRequest, PrunedPrefill
 
 from ..config import ServeConfig
 from ..errors import BadRequest
-from .common import setup_replica
+from .common import replica_info, setup_replica
 
 MAX_PAD_RATIO = 1.5  # prompts batch together only when the longest is at most this x the shortest
 
@@ -34,9 +33,9 @@ def length_groups(lengths: list[int]) -> list[list[int]]:
 
 @serve.deployment
 class PrefillStage:
-    def __init__(self, cfg: dict, pop_ratio: float):
+    def __init__(self, cfg: dict, pop_ratio: float, stage: str = "prefill"):
         self.cfg = ServeConfig.model_validate(cfg)
-        setup_replica(self.cfg)
+        setup_replica(self.cfg, self.cfg.stage(stage))
         self.runner = PrunedPrefill(self.cfg.model, pop_ratio, self.cfg.dtype, self.cfg.device)
         self.prompts = self.batches = self.tokens = self.in_flight = 0
         self.handoff_bytes = 0
@@ -75,7 +74,7 @@ class PrefillStage:
         return {"prompts": self.prompts, "batches": self.batches, "tokens": self.tokens,
                 "busy_seconds": self.busy_s, "in_flight": self.in_flight, "handoff_bytes": self.handoff_bytes,
                 "skipped_layers": r.k, "num_layers": r.family.num_layers, "pop_ratio": r.pop_ratio,
-                "param_bytes": r.param_bytes(), "pid": os.getpid()}
+                "param_bytes": r.param_bytes(), **replica_info()}
 
     def held_parameter_names(self) -> list[str]:
         """For tests and operators: which weights this replica really holds."""

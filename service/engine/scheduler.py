@@ -40,6 +40,7 @@ class DecodeScheduler:
         self._wake = asyncio.Event()
         self._task: Optional[asyncio.Task] = None
         self.steps = 0
+        self.busy_seconds = 0.0  # inside decode steps
         self.tokens_out = 0
         self.handoff_bytes = 0
         self.handoff_seconds = 0.0  # prefill finished -> KV in this replica's pool
@@ -86,7 +87,7 @@ class DecodeScheduler:
         return {
             "running": self.decoder.num_running, "waiting": len(self.waiting),
             "kv_bytes_in_use": self.decoder.kv_bytes_in_use, "kv_pool_bytes": self.decoder.kv_pool_bytes,
-            "steps": self.steps, "tokens_out": self.tokens_out, "handoffs": self.handoffs,
+            "steps": self.steps, "busy_seconds": self.busy_seconds, "tokens_out": self.tokens_out, "handoffs": self.handoffs,
             "handoff_bytes": self.handoff_bytes, "handoff_seconds": self.handoff_seconds,
         }
 
@@ -131,6 +132,7 @@ class DecodeScheduler:
                 else:  # waiting but nothing can run: cannot happen with an empty decoder
                     await asyncio.sleep(0.001)
                 continue
+            t0 = time.perf_counter()
             try:
                 outputs = await asyncio.to_thread(self.decoder.step)
             except Exception as exc:  # fail every running request, keep the replica alive
@@ -140,6 +142,7 @@ class DecodeScheduler:
                 self.active.clear()
                 continue
             self.steps += 1
+            self.busy_seconds += time.perf_counter() - t0
             for out in outputs:
                 req = self.active.get(out.seq_id)
                 if req is None:
