@@ -17,14 +17,15 @@ from .families import Family
 def prefill_masks(family: Family, lengths: list[int], width: int,
                   blocks: Optional[torch.Tensor], device) -> dict[str, Optional[torch.Tensor]]:
     q = torch.arange(width, device=device)
-    padded = any(n != width for n in lengths)
     has_blocks = blocks is not None and bool((blocks >= 0).any())
     base = None
     masks: dict[str, Optional[torch.Tensor]] = {}
     for layer_type in set(family.layer_types):
         window = family.sliding_window(layer_type)
-        if not padded and not has_blocks and (window is None or width <= window):
-            masks[layer_type] = None  # plain causal
+        if not has_blocks and (window is None or width <= window):
+            # Plain causal. Right padding needs no mask: a real token's keys all come before it,
+            # and padded rows are discarded.
+            masks[layer_type] = None
             continue
         if base is None:
             allow = (q[None, :] <= q[:, None]).unsqueeze(0)  # [1, W, W] causal
