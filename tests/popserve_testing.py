@@ -24,6 +24,7 @@ def server_config(model_dir, **overrides):
     base = {"model": str(model_dir), "dtype": "float32", "device": "cpu",
             "encoder": one, "prefill": one, "decode": one,
             "engine": {"max_running_seqs": 16, "max_seq_len": 1024, "max_waiting": 64},
+            "prefill_batch_tokens": 256,  # small: test_concurrent_requests_match_solo fills several batches
             "limits": {"max_tokens_limit": 256, "max_images_per_request": 3}}
     for k, v in overrides.items():
         base[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v

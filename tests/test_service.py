@@ -170,9 +170,20 @@ def test_concurrent_requests_match_solo(servers):
                 return r.json()["choices"][0]["message"]["content"]
             return await asyncio.gather(*(one(*r) for r in reqs))
 
+    from ray import serve
+
+    prefill = serve.get_deployment_handle("Prefill", app_name=server.app_name)
+    before = prefill.stats.remote().result()
     together = asyncio.run(run_all())
     assert together == solo
     assert len(set(solo)) > 8  # the requests really differ
+    # Prefill batches are limited by prompt tokens, not by count: the 16 prompts (about 1300
+    # tokens) needed several batches, and each stayed within the budget.
+    stats = prefill.stats.remote().result()
+    budget = stats["batch_token_budget"]
+    assert budget == 256
+    assert stats["batches"] - before["batches"] >= 1300 // budget
+    assert 0 < stats["largest_batch_tokens"] <= budget and stats["largest_batch_prompts"] >= 2
 
 
 def test_stages_are_separate_actors_and_prefill_is_pruned(servers):

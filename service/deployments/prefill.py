@@ -37,9 +37,12 @@ class PrefillStage:
         self.cfg = ServeConfig.model_validate(cfg)
         setup_replica(self.cfg, self.cfg.stage(stage))
         self.runner = PrunedPrefill(self.cfg.model, pop_ratio, self.cfg.dtype, self.cfg.device)
+        # Serve's batcher limits a batch's prompt tokens (batch_size_fn below), not its count.
+        self._batched.set_max_batch_size(self.cfg.prefill_batch_tokens)
         self.prompts = self.batches = self.tokens = self.in_flight = 0
         self.handoff_bytes = 0
         self.busy_s = 0.0
+        self.largest_batch = (0, 0)  # (budgeted tokens, prompts) of the biggest batch so far
 
     async def prefill(self, input_ids: torch.Tensor, mm_token_type_ids: Optional[torch.Tensor],
                       features: Optional[list[ImageFeatures]] = None) -> KVHandoff:
@@ -50,12 +53,14 @@ class PrefillStage:
                              f"{sum(f.num_tokens for f in features)} features", code="image_token_mismatch")
         self.in_flight += 1
         try:
-            return await self._batched(PrefillRequest(input_ids, mm_token_type_ids, features))
+            # A prompt longer than the budget counts as the whole budget: it runs alone.
+            tokens = min(input_ids.numel(), self.cfg.prefill_batch_tokens)
+            return await self._batched(tokens, PrefillRequest(input_ids, mm_token_type_ids, features))
         finally:
             self.in_flight -= 1
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
-    async def _batched(self, requests: list[PrefillRequest]) -> list[KVHandoff]:
+    @serve.batch(max_batch_size=4096, batch_wait_timeout_s=0.002, batch_size_fn=sum)
+    async def _batched(self, tokens: list[int], requests: list[PrefillRequest]) -> list[KVHandoff]:
         t0 = time.perf_counter()
         out: list[Optional[KVHandoff]] = [None] * len(requests)
         for group in length_groups([r.input_ids.numel() for r in requests]):
@@ -66,6 +71,7 @@ class PrefillStage:
         self.batches += 1
         self.prompts += len(requests)
         self.tokens += sum(r.input_ids.numel() - 1 for r in requests)
+        self.largest_batch = max(self.largest_batch, (sum(tokens), len(requests)))
         self.handoff_bytes += sum(h.nbytes for h in out)
         return out
 
@@ -73,6 +79,8 @@ class PrefillStage:
         r = self.runner
         return {"prompts": self.prompts, "batches": self.batches, "tokens": self.tokens,
                 "busy_seconds": self.busy_s, "in_flight": self.in_flight, "handoff_bytes": self.handoff_bytes,
+                "batch_token_budget": self.cfg.prefill_batch_tokens, "largest_batch_tokens": self.largest_batch[0],
+                "largest_batch_prompts": self.largest_batch[1],
                 "skipped_layers": r.k, "num_layers": r.family.num_layers, "pop_ratio": r.pop_ratio,
                 "param_bytes": r.param_bytes(), **replica_info()}
 
