@@ -53,6 +53,31 @@ def table(res: dict, kinds: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def summary(res: dict) -> str:
+    """The README's compact form: one row per ratio, accuracy (and KL to the full model) per variant."""
+    rows = res["per_row"]
+    cols = ["pop", "pop-no-kv", "pop-no-boundary", "stage-agnostic"]
+    by = {(v["kind"], round(v["ratio"], 3)): v for v in res["variants"]}
+
+    def acc(v):
+        ok = [synthvqa.is_correct(r["outputs"][v["name"]], r["answer"]) for r in rows]
+        return 100 * sum(ok) / len(ok)
+
+    full = by[("full", 0.0)]
+    out = [f"{res['family']} ({res['num_layers']} layers, {res['rows']} held-out questions): full model {acc(full):.0f}%.", "",
+           "| ratio (k) | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for ratio in sorted({round(v["ratio"], 3) for v in res["variants"] if v["kind"] != "full"}):
+        cells = []
+        for c in cols:
+            v = by.get((c, ratio))
+            cells.append(f"{acc(v):.0f}% ({v['mean_kl']:.1g})" if v else "")
+        k = by[("pop", ratio)]["k"]
+        out.append(f"| {ratio:g} ({k}) | " + " | ".join(cells) + " |")
+    out += ["", "Accuracy on the held-out questions; in brackets the mean KL(full ‖ variant) over the first "
+            f"{res['kl_steps']} decode steps."]
+    return "\n".join(out) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", required=True, choices=["qwen3-vl", "gemma3"])
@@ -75,6 +100,7 @@ def main() -> int:
         res = json.loads((out / "eval" / "results.json").read_text())
         md = table(res, [s.kind for s in samples])
         (out / "table.md").write_text(md)
+        (out / "summary.md").write_text(summary(res))
         print(md)
     if not args.skip_importance:
         rc = popserve(["importance", "--model", model, "--data", str(data), "--samples", str(args.samples),

@@ -83,8 +83,8 @@ def is_correct(generated: str, answer: str) -> bool:
 
 
 # ---- scenes ----------------------------------------------------------------------------------
-def _scene(rng: random.Random) -> list[Obj]:
-    n = rng.choice([1, 2, 2, 3, 3, 3])
+def _scene(rng: random.Random, n_objects: tuple[int, ...] | None = None) -> list[Obj]:
+    n = rng.choice(n_objects or [1, 2, 2, 3, 3, 3])
     colors = rng.sample(list(COLORS), n)
     slots = sorted(rng.sample(range(3), n))  # three columns of 32 px: left-to-right order is clear
     objs = []
@@ -98,21 +98,72 @@ def _scene(rng: random.Random) -> list[Obj]:
     return objs
 
 
+def _draw(d: ImageDraw.ImageDraw, o: Obj, fill) -> None:
+    r = SIZES[o.size] // 2
+    box = (o.x - r, o.y - r, o.x + r, o.y + r)
+    if o.shape == "circle":
+        d.ellipse(box, fill=fill)
+    elif o.shape == "square":
+        d.rectangle(box, fill=fill)
+    else:
+        d.polygon([(o.x, o.y - r), (o.x - r, o.y + r), (o.x + r, o.y + r)], fill=fill)
+
+
 def render(objs: list[Obj], rng: random.Random) -> Image.Image:
     bg = tuple(rng.randint(235, 255) for _ in range(3))
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), bg)
     d = ImageDraw.Draw(img)
     for o in objs:
-        r = SIZES[o.size] // 2
-        col = tuple(max(0, min(255, v + rng.randint(-15, 15))) for v in COLORS[o.color])
-        box = (o.x - r, o.y - r, o.x + r, o.y + r)
-        if o.shape == "circle":
-            d.ellipse(box, fill=col)
-        elif o.shape == "square":
-            d.rectangle(box, fill=col)
-        else:
-            d.polygon([(o.x, o.y - r), (o.x - r, o.y + r), (o.x + r, o.y + r)], fill=col)
+        _draw(d, o, tuple(max(0, min(255, v + rng.randint(-15, 15))) for v in COLORS[o.color]))
     return img
+
+
+def object_mask(objs: list[Obj], size: int = IMAGE_SIZE):
+    """[size, size] uint8 array: 0 background, k the k-th object (same geometry as `render`)."""
+    import numpy as np
+
+    m = Image.new("L", (size, size), 0)
+    d = ImageDraw.Draw(m)
+    for k, o in enumerate(objs, 1):
+        _draw(d, o, k)
+    return np.asarray(m)
+
+
+# Region labels: per cell of an n x n grid over the image (raster order, the order of the image tokens
+# of both families), class ids (0 = no object) of the object's colour, shape, size and place among
+# the objects (left / middle / right, as the questions name it: SLOT_WORDS).
+REGION_ATTRIBUTES = ("color", "shape", "size", "place")
+PLACES = ("on the left", "in the middle", "on the right")
+REGION_CLASSES = (len(COLORS) + 1, len(SHAPES) + 1, len(SIZES) + 1, len(PLACES) + 1)
+IGNORE = -100
+
+
+def region_labels(objs: list[Obj], n: int, min_pixels: int = 12) -> list[tuple[int, ...]]:
+    """A cell shows an object if at least `min_pixels` of it fall into the cell (the biggest such
+    object wins): its colour and place are labelled there. Shape and size are labelled only in the
+    cell that holds the object's centre, where enough of it is visible to tell; IGNORE elsewhere."""
+    import numpy as np
+
+    m = object_mask(objs)
+    side = m.shape[0]
+    colors, sizes = list(COLORS), list(SIZES)
+    places = SLOT_WORDS[len(objs)]
+    out = []
+    for i in range(n):
+        for j in range(n):
+            cell = m[i * side // n:(i + 1) * side // n, j * side // n:(j + 1) * side // n]
+            counts = np.bincount(cell.ravel(), minlength=len(objs) + 1)[1:]
+            if len(counts) == 0 or counts.max() < min_pixels:
+                out.append((0, 0, 0, 0))
+                continue
+            k = int(counts.argmax())
+            o = objs[k]
+            color, place = colors.index(o.color) + 1, PLACES.index(places[k]) + 1
+            if (o.y * n // side, o.x * n // side) == (i, j):
+                out.append((color, SHAPES.index(o.shape) + 1, sizes.index(o.size) + 1, place))
+            else:
+                out.append((color, IGNORE, IGNORE, place))
+    return out
 
 
 # ---- questions -------------------------------------------------------------------------------
@@ -228,6 +279,15 @@ def _q_owner(rng, objs):
     return f"{fact} {q}", owner[key]
 
 
+def _q_scene(rng, objs):
+    """Training only (see AUX_KINDS): every object, left to right. Many answer tokens depend on the
+    image, so it gives the vision tower and the image-reading attention a dense signal."""
+    q = rng.choice(["Describe the picture from left to right.", "List the shapes from left to right.",
+                    "What is in the picture, from left to right?"])
+    parts = [o.phrase() for o in objs]
+    return q, ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
+
+
 QUESTION_KINDS = {
     "count": _q_count, "count_shape": _q_count_shape, "color": _q_color_of_shape,
     "shape": _q_shape_of_color, "describe": _q_describe_slot, "where": _q_where, "size": _q_size,
@@ -237,15 +297,26 @@ QUESTION_KINDS = {
 # encoding the prompt well matters.
 WEIGHTS = {"count": 1, "count_shape": 1, "color": 1, "shape": 1, "describe": 1.5, "where": 1, "size": 1,
            "points": 2, "owner": 2}
+# Auxiliary kinds: used by the training curriculum (models/train.py), never in the held-out sets.
+AUX_KINDS = {"scene": _q_scene}
+IMAGE_ONLY_KINDS = ("count", "count_shape", "color", "shape", "describe", "where", "size")
+CONTEXT_KINDS = ("points", "owner")
 
 
-def sample(rng: random.Random, kinds: tuple[str, ...] | None = None) -> Sample:
-    names = list(kinds or QUESTION_KINDS)
-    weights = [WEIGHTS[k] for k in names]
+def sample(rng: random.Random, kinds: tuple[str, ...] | dict[str, float] | None = None,
+           n_objects: tuple[int, ...] | None = None) -> Sample:
+    """One sample. kinds: names (weighted by WEIGHTS) or {name: weight}, from QUESTION_KINDS or
+    AUX_KINDS (default: every question kind). n_objects: allowed object counts (default 1-3, more
+    often 3)."""
+    if isinstance(kinds, dict):
+        names, weights = list(kinds), list(kinds.values())
+    else:
+        names = list(kinds or QUESTION_KINDS)
+        weights = [WEIGHTS[k] for k in names]
     while True:
-        objs = _scene(rng)
+        objs = _scene(rng, n_objects)
         kind = rng.choices(names, weights)[0]
-        qa = QUESTION_KINDS[kind](rng, objs)
+        qa = (QUESTION_KINDS.get(kind) or AUX_KINDS[kind])(rng, objs)
         if qa is not None:
             return Sample(render(objs, rng), qa[0], qa[1], kind, objs)
 

@@ -22,6 +22,7 @@ from . import synthvqa
 from . import tiny
 from .tiny import GEMMA_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE
 
+PROBE_SEED = 4321  # the probes logged during training (not a training or test seed)
 END_OF_TURN = {"qwen3-vl": "<|im_end|>", "gemma3": "<end_of_turn>"}
 
 # Model shapes: a few million parameters, 12 decoder layers (POP at 1/3 skips 4).
@@ -29,8 +30,28 @@ TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=12, num_at
             num_key_value_heads=2, head_dim=32)
 
 
+# Curriculum: (until this fraction of the steps, {kind: weight}). The first part has only questions
+# answered from the image, plus full left-to-right scene descriptions ("scene", an auxiliary kind that
+# is never asked in the held-out sets), whose answers depend on the image in almost every token.
+# Scene descriptions stay in the mix after that.
+CURRICULUM = (
+    (0.15, {"scene": 3.0, **{k: synthvqa.WEIGHTS[k] for k in synthvqa.IMAGE_ONLY_KINDS}}),
+    (1.0, {"scene": 1.5, **synthvqa.WEIGHTS}),
+)
+
+
+BUCKET = 4  # batches drawn at once and grouped by length
+
+
+def curriculum_kinds(frac: float, curriculum=CURRICULUM) -> dict[str, float]:
+    for until, kinds in curriculum:
+        if frac < until:
+            return kinds
+    return curriculum[-1][1]
+
+
 # ---- tokenizer -------------------------------------------------------------------------------
-def train_tokenizer(family: str, vocab_size: int = 384):
+def train_tokenizer(family: str, vocab_size: int = 768):
     """The tiny checkpoints' tokenizer recipe, trained on the task's text (task words become
     single tokens)."""
     return tiny.train_tokenizer(family, vocab_size, corpus=synthvqa.tokenizer_corpus())
@@ -78,9 +99,12 @@ def gemma_config(tok, layers: int):
             tie_word_embeddings=False, initializer_range=0.02, pad_token_id=ids("<pad>"),
             bos_token_id=ids("<bos>"), eos_token_id=[ids("<eos>"), ids("<end_of_turn>")],
         ),
+        # 96x96 images taken whole: 6x6 patches of 16, average-pooled 2x2 into 3x3 = 9 image tokens, one
+        # column of tokens per third of the image (as Qwen3-VL's 2x2 merge gives).
         vision_config=dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=64, patch_size=8, model_type="siglip_vision_model", layer_norm_eps=1e-6),
-        mm_tokens_per_image=16,
+                           image_size=synthvqa.IMAGE_SIZE, patch_size=16, model_type="siglip_vision_model",
+                           layer_norm_eps=1e-6),
+        mm_tokens_per_image=9,
         boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
         image_token_index=ids("<image_soft_token>"), tie_word_embeddings=False,
         pad_token_id=ids("<pad>"), bos_token_id=ids("<bos>"), eos_token_id=[ids("<eos>"), ids("<end_of_turn>")],
@@ -100,7 +124,7 @@ def make_processor(family: str, tok, config):
                                 chat_template=QWEN_CHAT_TEMPLATE)
     from transformers import Gemma3ImageProcessor, Gemma3Processor
 
-    side = config.vision_config.image_size  # 64: 8x8 patches of 8, pooled to 16 image tokens
+    side = config.vision_config.image_size  # 96: 6x6 patches of 16, pooled to 9 image tokens
     image = Gemma3ImageProcessor(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return Gemma3Processor(image_processor=image, tokenizer=tok, chat_template=GEMMA_CHAT_TEMPLATE,
                            image_seq_length=config.mm_tokens_per_image)
@@ -160,23 +184,147 @@ def collate(items: list[dict], family: str, pad_id: int) -> dict:
 
 
 def loss_and_acc(model, batch) -> tuple[torch.Tensor, float]:
+    """Cross-entropy over each answer's tokens (and eos), averaged per sample and then over the
+    batch, so that long answers (scene descriptions) weigh as much as short ones; and the
+    teacher-forced exact-match rate."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits[:, :-1].float()
     target = labels[:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                             ignore_index=-100)
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+    n_tokens = (target != -100).sum(-1).clamp(min=1)
+    loss = (per_token.sum(-1) / n_tokens).mean()
     with torch.no_grad():  # teacher-forced exact match: every answer token (and eos) argmax-right
         ok = (logits.argmax(-1) == target) | (target == -100)
         acc = ok.all(-1).float().mean().item()
     return loss, acc
 
 
+# ---- image regions: a direct training signal for the vision tower -----------------------------
+# Why the first checkpoints ignored the image (docs/trained-models.md): a vision tower trained from
+# scratch only through the language model's answer loss gets a weak, noisy gradient, the language
+# model meanwhile settles on the text priors, and the tower never learns to tell shapes apart. With
+# the tower's output replaced by clean per-region attributes, the same language model learns to read
+# the image within a few hundred steps. So the tower is first trained on its own (stage 0) to
+# predict, for every image token, the colour / shape / size / place (left, middle, right) of the
+# object in that region of the image (labels from the generator's scene), through a linear read-out
+# that is dropped afterwards; the same loss stays on at a small weight during the VQA stage.
+VISION_PRETRAIN = dict(steps=1000, batch_size=32, lr=2e-3, warmup=30)
+REGION_LOSS_WEIGHT = 0.2
+
+
+def region_grid(family: str, config) -> int:
+    """Image tokens per side (3 for both shipped shapes)."""
+    if family == "qwen3-vl":
+        v = config.vision_config
+        return synthvqa.IMAGE_SIZE // (v.patch_size * v.spatial_merge_size)
+    return math.isqrt(config.mm_tokens_per_image)
+
+
+def region_targets(samples: list[synthvqa.Sample], grid: int) -> torch.Tensor:
+    """[len(samples) * grid**2, len(REGION_ATTRIBUTES)] labels in image-token order (raster order
+    within each image)."""
+    return torch.tensor([lab for s in samples for lab in synthvqa.region_labels(s.objects, grid)], dtype=torch.long)
+
+
+class RegionHead(torch.nn.Module):
+    """Linear read-out of colour / shape / size / place from each image token's features (as they
+    enter the language model). Training only: not part of the checkpoint."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden, sum(synthvqa.REGION_CLASSES))
+
+    def forward(self, feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        logits = self.proj(feats.float()).split(list(synthvqa.REGION_CLASSES), dim=-1)
+        loss = sum(torch.nn.functional.cross_entropy(z, labels[:, i], ignore_index=synthvqa.IGNORE)
+                   for i, z in enumerate(logits))
+        with torch.no_grad():  # accuracy on the cells that show an object
+            accs = []
+            for i, z in enumerate(logits):
+                keep = labels[:, i] > 0
+                accs.append((z[keep].argmax(-1) == labels[keep, i]).float().mean().item() if keep.any() else float("nan"))
+        return loss, accs
+
+
+def vision_parts(model, family: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the whole vision module, its last part: the module whose output enters the language model)."""
+    if family == "qwen3-vl":
+        return model.model.visual, model.model.visual.merger
+    return torch.nn.ModuleList([model.model.vision_tower, model.model.multi_modal_projector]), model.model.multi_modal_projector
+
+
+def vision_features(model, family: str, pixels: dict) -> torch.Tensor:
+    """Image features as they enter the language model: [images * tokens, hidden]."""
+    if family == "qwen3-vl":
+        return model.model.visual(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"], return_dict=True).pooler_output
+    hidden = model.model.vision_tower(pixel_values=pixels["pixel_values"], return_dict=True).last_hidden_state
+    return model.model.multi_modal_projector(hidden).flatten(0, 1)
+
+
+def pretrain_vision(model, processor, family: str, head: RegionHead, rng: random.Random, steps: int,
+                    batch_size: int, lr: float, warmup: int, log_every: int = 50) -> list[dict]:
+    """Stage 0: the vision tower + projector (and the read-out) on region labels alone."""
+    from tqdm import tqdm
+
+    vision, _ = vision_parts(model, family)
+    params = list(vision.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    grid = region_grid(family, model.config)
+    probe = synthvqa.make_dataset(64, PROBE_SEED)
+    probe_pixels = processor.image_processor(images=[s.image for s in probe], return_tensors="pt")
+    probe_labels = region_targets(probe, grid)
+    history = []
+    bar = tqdm(range(steps), desc=f"vision {family}", unit="step", dynamic_ncols=True)
+    for step in bar:
+        lr_now = lr * (step + 1) / warmup if step < warmup else \
+            lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr_now
+        scenes = [synthvqa.sample(rng) for _ in range(batch_size)]
+        pixels = processor.image_processor(images=[s.image for s in scenes], return_tensors="pt")
+        loss, _ = head(vision_features(model, family, pixels), region_targets(scenes, grid))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            with torch.no_grad():
+                ploss, accs = head(vision_features(model, family, probe_pixels), probe_labels)
+            row = dict(step=step + 1, loss=round(loss.item(), 4), probe_loss=round(ploss.item(), 4))
+            row.update({f"probe_{a}_acc": round(x, 3) for a, x in zip(synthvqa.REGION_ATTRIBUTES, accs)})
+            history.append(row)
+            bar.set_postfix(loss=f"{ploss.item():.3f}", **{a: f"{x:.2f}" for a, x in zip(synthvqa.REGION_ATTRIBUTES, accs)})
+    bar.close()
+    return history
+
+
+def image_reliance(model, processor, family: str, samples: list[synthvqa.Sample]) -> tuple[float, float]:
+    """Teacher-forced loss on `samples` with their own images, and with every image swapped for the
+    previous sample's. Equal losses mean the model ignores the image."""
+    pad_id = processor.tokenizer.pad_token_id
+    items = [encode_sample(processor, family, s) for s in samples]
+    swapped = [dict(it, pixel_values=items[i - 1]["pixel_values"], **({"grid": items[i - 1]["grid"]} if "grid" in it else {}))
+               for i, it in enumerate(items)]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        own = loss_and_acc(model, collate(items, family, pad_id))[0].item()
+        other = loss_and_acc(model, collate(swapped, family, pad_id))[0].item()
+    model.train(was_training)
+    return own, other
+
+
 # ---- training --------------------------------------------------------------------------------
-def train(family: str, out: str | Path, steps: int, batch_size: int = 24, lr: float = 2e-3,
-          layers: int = 12, seed: int = 0, threads: int = 1, warmup: int = 60,
+def train(family: str, out: str | Path, steps: int, batch_size: int = 16, lr: float = 5e-4,
+          layers: int = 12, seed: int = 0, threads: int = 1, warmup: int = 100,
           max_minutes: float = 28.0, log_every: int = 25, init_from: str | Path | None = None,
-          data_seed: int | None = None, vision_lr_mult: float = 1.0) -> dict:
+          data_seed: int | None = None, vision_lr_mult: float = 1.0, curriculum=CURRICULUM,
+          probe_every: int = 250, vision_steps: int | None = None,
+          region_weight: float = REGION_LOSS_WEIGHT) -> dict:
+    """Stage 0 (`vision_steps`, default VISION_PRETRAIN, none when continuing a checkpoint): the
+    vision tower on region labels. Stage 1 (`steps`): everything, teacher forcing on SynthVQA with
+    the curriculum, plus `region_weight` x the region loss. `max_minutes` of CPU time covers both."""
     from tqdm import tqdm
 
     torch.set_num_threads(threads)
@@ -195,15 +343,32 @@ def train(family: str, out: str | Path, steps: int, batch_size: int = 24, lr: fl
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     pad_id = processor.tokenizer.pad_token_id
-    groups: dict[tuple, list] = {}
+    c0 = time.process_time()
+    t0 = time.time()
+    hidden = model.config.get_text_config().hidden_size
+    grid = region_grid(family, model.config)
+    head = RegionHead(hidden)
+    if vision_steps is None:
+        vision_steps = 0 if init_from else VISION_PRETRAIN["steps"]
+    if init_from and curriculum is CURRICULUM:  # a second stage: the model reads images already
+        curriculum = CURRICULUM[-1:]
+    vision_history = []
+    if vision_steps:
+        vcfg = dict(VISION_PRETRAIN, steps=vision_steps)
+        vision_history = pretrain_vision(model, processor, family, head, random.Random(seed + 1), vcfg["steps"],
+                                         vcfg["batch_size"], vcfg["lr"], vcfg["warmup"])
+    vision_cpu = time.process_time() - c0
+    vision_wall = time.time() - t0
+    # The region loss during stage 1 reads the features where they enter the language model.
+    tap: dict = {}
+    hook = vision_parts(model, family)[1].register_forward_hook(lambda m, i, o: tap.__setitem__("feats", o))
+    groups: dict[tuple, list] = {(1.0, 0.0): list(head.parameters())} if region_weight else {}
     for n, p in model.named_parameters():
         vision = any(v in n for v in ("visual", "vision_tower", "multi_modal_projector"))
         decays = p.ndim >= 2 and "embed" not in n
         groups.setdefault((vision_lr_mult if vision else 1.0, 0.01 if decays else 0.0), []).append(p)
     opt = torch.optim.AdamW([{"params": ps, "weight_decay": wd, "lr_mult": mult} for (mult, wd), ps in groups.items()],
                             lr=lr, betas=(0.9, 0.98))
-
-    c0 = time.process_time()
 
     def progress(step):
         # Step-driven (reproducible). The budget is CPU time of this process (one thread: minutes of
@@ -217,19 +382,35 @@ def train(family: str, out: str | Path, steps: int, batch_size: int = 24, lr: fl
         return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress(step)))))
 
     # The training stream; held-out sets use other seeds (synthvqa.HELDOUT_SEED, EVAL_SEED).
-    data = synthvqa.stream(seed if data_seed is None else data_seed)
-    history, t0 = [], time.time()
+    data_rng = random.Random(seed if data_seed is None else data_seed)
+    # The image-reliance probe: held-out questions (not the tests' HELDOUT_SEED), own vs swapped images.
+    probe = synthvqa.make_dataset(48, PROBE_SEED)
+    history = []
+    queue: list = []
     ema_loss, ema_acc = None, None
     time_limited = False
     bar = tqdm(range(steps), desc=f"train {family}", unit="step", dynamic_ncols=True)
     done = 0
     for step in bar:
-        batch = collate([encode_sample(processor, family, next(data)) for _ in range(batch_size)], family, pad_id)
+        if not queue:  # BUCKET batches at a time, grouped by length: less padding, same samples
+            kinds = curriculum_kinds(step / steps, curriculum) if curriculum else None
+            drawn = [synthvqa.sample(data_rng, kinds) for _ in range(BUCKET * batch_size)]
+            encoded = [encode_sample(processor, family, s) for s in drawn]
+            order = sorted(range(len(drawn)), key=lambda i: len(encoded[i]["prompt"]) + len(encoded[i]["answer"]))
+            chunks = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+            data_rng.shuffle(chunks)
+            queue = [([drawn[i] for i in c], [encoded[i] for i in c]) for c in chunks]
+        samples, encoded_batch = queue.pop()
+        batch = collate(encoded_batch, family, pad_id)
         for g in opt.param_groups:
             g["lr"] = lr_at(step) * g["lr_mult"]
         loss, acc = loss_and_acc(model, batch)
+        total = loss
+        if region_weight:
+            region_loss, _ = head(tap["feats"].reshape(-1, hidden), region_targets(samples, grid))
+            total = loss + region_weight * region_loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         done = step + 1
@@ -237,13 +418,19 @@ def train(family: str, out: str | Path, steps: int, batch_size: int = 24, lr: fl
         ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
         bar.set_postfix(loss=f"{ema_loss:.3f}", tf_acc=f"{ema_acc:.2f}", lr=f"{lr_at(step):.1e}")
         if done % log_every == 0 or done == steps:
-            history.append(dict(step=done, loss=round(ema_loss, 4), tf_acc=round(ema_acc, 3),
-                                elapsed_s=round(time.time() - t0, 1)))
+            row = dict(step=done, loss=round(ema_loss, 4), tf_acc=round(ema_acc, 3),
+                       elapsed_s=round(time.time() - t0, 1), cpu_s=round(time.process_time() - c0, 1))
+            if probe_every and (done % probe_every == 0 or done == steps):
+                own, swapped = image_reliance(model, processor, family, probe)
+                row.update(probe_loss=round(own, 4), probe_loss_swapped_images=round(swapped, 4))
+                bar.write(f"step {done}: held-out loss {own:.3f}, with swapped images {swapped:.3f}")
+            history.append(row)
         if progress(done) >= 1.0 and done < steps:
             time_limited = True
             print(f"stopping at step {done}: CPU budget of {max_minutes} min reached")
             break
     bar.close()
+    hook.remove()
     elapsed = time.time() - t0
     model.eval()
     out = Path(out)
@@ -257,14 +444,20 @@ def train(family: str, out: str | Path, steps: int, batch_size: int = 24, lr: fl
     info = dict(family=family, params=n_params, layers=layers, steps=done, planned_steps=steps, time_limited=time_limited,
                 cpu_seconds=round(time.process_time() - c0, 1),
                 batch_size=batch_size, lr=lr, vision_lr_mult=vision_lr_mult, seed=seed, threads=threads, wall_seconds=round(elapsed, 1),
-                samples_seen=done * batch_size, history=history)
+                samples_seen=done * batch_size, warmup=warmup,
+                curriculum=[dict(until=u, kinds=k) for u, k in curriculum] if curriculum else None,
+                vocab_size=len(processor.tokenizer), region_loss_weight=region_weight,
+                vision_pretrain=dict(VISION_PRETRAIN, steps=vision_steps, cpu_seconds=round(vision_cpu, 1),
+                                     wall_seconds=round(vision_wall, 1), history=vision_history),
+                history=history)
     info["data_seed"] = seed if data_seed is None else data_seed
     if prior is not None:
         info["init_from"] = str(init_from)
         info["previous_stages"] = prior.get("previous_stages", []) + [{k: v for k, v in prior.items()
                                                                      if k != "previous_stages"}]
     (out / "training.json").write_text(json.dumps(info, indent=2))
-    print(f"saved {family} ({n_params / 1e6:.2f}M params, {done} steps, {elapsed / 60:.1f} min) to {out}")
+    print(f"saved {family} ({n_params / 1e6:.2f}M params, {vision_steps} vision + {done} steps, "
+          f"{info['cpu_seconds'] / 60:.1f} CPU-min, {elapsed / 60:.1f} min wall) to {out}")
     return info
 
 
@@ -314,15 +507,25 @@ def accuracy(model_dir, samples, pop_ratio: float = 0.0, batch: int = 8) -> tupl
     return sum(ok) / len(ok), texts
 
 
+def by_kind(samples, texts) -> dict[str, dict]:
+    """Accuracy per question kind: {kind: {"n": .., "accuracy": ..}}."""
+    out: dict[str, list[bool]] = {}
+    for s, t in zip(samples, texts):
+        out.setdefault(s.kind, []).append(synthvqa.is_correct(t, s.answer))
+    return {k: {"n": len(v), "accuracy": round(sum(v) / len(v), 3)} for k, v in sorted(out.items())}
+
+
 def run_train_cli(args) -> int:
     torch.set_num_threads(args.threads)
     info = train(args.family, args.out, args.steps, args.batch_size, args.lr, args.layers, args.seed,
                  args.threads, warmup=args.warmup, max_minutes=args.max_minutes, init_from=args.init_from,
                  data_seed=args.data_seed, vision_lr_mult=args.vision_lr_mult)
     if args.heldout:
-        acc, _ = accuracy(args.out, synthvqa.make_dataset(args.heldout, synthvqa.HELDOUT_SEED))
+        heldout = synthvqa.make_dataset(args.heldout, synthvqa.HELDOUT_SEED)
+        acc, texts = accuracy(args.out, heldout)
         info["heldout_accuracy"] = acc
         info["heldout_n"] = args.heldout
+        info["heldout_by_kind"] = by_kind(heldout, texts)
         (Path(args.out) / "training.json").write_text(json.dumps(info, indent=2))
         print(f"held-out accuracy (n={args.heldout}, seed {synthvqa.HELDOUT_SEED}, full model): {acc:.3f}")
     return 0

@@ -25,9 +25,9 @@ def _shipped_accuracy() -> float:
         return 0.0
 
 
-# The shipped models are under-trained (docs/trained-models.md): they ignore the image and score
-# ~35% on held-out questions. The accuracy tests below state the target; they are expected to fail
-# until a checkpoint whose training.json reports >= 90% held-out accuracy is shipped.
+# The shipped models read the image but are under-trained (docs/trained-models.md): 66-68% on
+# held-out questions. The accuracy tests below state the target; they are expected to fail until a
+# checkpoint whose training.json reports >= 90% held-out accuracy is shipped.
 needs_accurate_model = pytest.mark.xfail(
     _shipped_accuracy() < MIN_ACCURACY, strict=True,
     reason=f"shipped default scored {_shipped_accuracy():.1%} held-out in training (< {MIN_ACCURACY:.0%}); "
