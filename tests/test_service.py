@@ -200,6 +200,8 @@ def test_stages_are_separate_actors_and_prefill_is_pruned(servers):
         # Each stage runs its own configured thread count (tests: 1; the default would be every
         # core) and waits passively, so that stages sharing cores don't spin against each other.
         assert info["torch_threads"] == 1 and info["omp_wait_policy"] == "PASSIVE", (stage, info)
+        # glibc keeps freed activations instead of page-faulting them in again on every prefill.
+        assert int(info["malloc_trim_threshold"]) >= 2**30, (stage, info)
     assert len(set(pids.values())) == len(pids), f"stages share a process: {pids}"
 
     handle = serve.get_deployment_handle("Prefill", app_name=server.app_name)
