@@ -26,7 +26,7 @@ from popserve.service.cli import main as popserve  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIOS = "0.2,0.25,0.33,0.4,0.5"
-CONTEXT_KINDS = {"points", "owner"}
+CONTEXT_KINDS = synthvqa.CONTEXT_KINDS
 
 
 def table(res: dict, kinds: list[str]) -> str:

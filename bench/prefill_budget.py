@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         make_tiny(args.family, "bench", model)
     tok = AutoTokenizer.from_pretrained(model)
     rows = []
-    for i, budget in enumerate(map(int, args.budgets.split(","))):
+    for budget in map(int, args.budgets.split(",")):
         cfg = ServeConfig.model_validate({"model": model, "port": args.port, "prefill_batch_tokens": budget,
                                           "engine": {"max_running_seqs": 16, "max_seq_len": 4096}}).resolved()
         launcher.start(cfg)

@@ -83,8 +83,8 @@ def is_correct(generated: str, answer: str) -> bool:
 
 
 # ---- scenes ----------------------------------------------------------------------------------
-def _scene(rng: random.Random, n_objects: tuple[int, ...] | None = None) -> list[Obj]:
-    n = rng.choice(n_objects or [1, 2, 2, 3, 3, 3])
+def _scene(rng: random.Random) -> list[Obj]:
+    n = rng.choice([1, 2, 2, 3, 3, 3])
     colors = rng.sample(list(COLORS), n)
     slots = sorted(rng.sample(range(3), n))  # three columns of 32 px: left-to-right order is clear
     objs = []
@@ -303,18 +303,16 @@ IMAGE_ONLY_KINDS = ("count", "count_shape", "color", "shape", "describe", "where
 CONTEXT_KINDS = ("points", "owner")
 
 
-def sample(rng: random.Random, kinds: tuple[str, ...] | dict[str, float] | None = None,
-           n_objects: tuple[int, ...] | None = None) -> Sample:
+def sample(rng: random.Random, kinds: tuple[str, ...] | dict[str, float] | None = None) -> Sample:
     """One sample. kinds: names (weighted by WEIGHTS) or {name: weight}, from QUESTION_KINDS or
-    AUX_KINDS (default: every question kind). n_objects: allowed object counts (default 1-3, more
-    often 3)."""
+    AUX_KINDS (default: every question kind)."""
     if isinstance(kinds, dict):
         names, weights = list(kinds), list(kinds.values())
     else:
         names = list(kinds or QUESTION_KINDS)
         weights = [WEIGHTS[k] for k in names]
     while True:
-        objs = _scene(rng, n_objects)
+        objs = _scene(rng)
         kind = rng.choices(names, weights)[0]
         qa = (QUESTION_KINDS.get(kind) or AUX_KINDS[kind])(rng, objs)
         if qa is not None:

@@ -20,6 +20,8 @@ import torch
 
 from . import synthvqa
 from . import tiny
+from .families import family_for
+from .families.base import get_module
 from .tiny import GEMMA_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE
 
 PROBE_SEED = 4321  # the probes logged during training (not a training or test seed)
@@ -213,20 +215,6 @@ VISION_PRETRAIN = dict(steps=1000, batch_size=32, lr=2e-3, warmup=30)
 REGION_LOSS_WEIGHT = 0.2
 
 
-def region_grid(family: str, config) -> int:
-    """Image tokens per side (3 for both shipped shapes)."""
-    if family == "qwen3-vl":
-        v = config.vision_config
-        return synthvqa.IMAGE_SIZE // (v.patch_size * v.spatial_merge_size)
-    return math.isqrt(config.mm_tokens_per_image)
-
-
-def region_targets(samples: list[synthvqa.Sample], grid: int) -> torch.Tensor:
-    """[len(samples) * grid**2, len(REGION_ATTRIBUTES)] labels in image-token order (raster order
-    within each image)."""
-    return torch.tensor([lab for s in samples for lab in synthvqa.region_labels(s.objects, grid)], dtype=torch.long)
-
-
 class RegionHead(torch.nn.Module):
     """Linear read-out of colour / shape / size / place from each image token's features (as they
     enter the language model). Training only: not part of the checkpoint."""
@@ -235,7 +223,10 @@ class RegionHead(torch.nn.Module):
         super().__init__()
         self.proj = torch.nn.Linear(hidden, sum(synthvqa.REGION_CLASSES))
 
-    def forward(self, feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    def forward(self, feats: torch.Tensor, samples: list[synthvqa.Sample]) -> tuple[torch.Tensor, list[float]]:
+        """feats: [images * tokens, hidden] in image-token order (raster order within an image)."""
+        grid = math.isqrt(feats.shape[0] // len(samples))  # image tokens per side (3 for both shipped shapes)
+        labels = torch.tensor([lab for s in samples for lab in synthvqa.region_labels(s.objects, grid)])
         logits = self.proj(feats.float()).split(list(synthvqa.REGION_CLASSES), dim=-1)
         loss = sum(torch.nn.functional.cross_entropy(z, labels[:, i], ignore_index=synthvqa.IGNORE)
                    for i, z in enumerate(logits))
@@ -247,19 +238,24 @@ class RegionHead(torch.nn.Module):
         return loss, accs
 
 
-def vision_parts(model, family: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(the whole vision module, its last part: the module whose output enters the language model)."""
-    if family == "qwen3-vl":
-        return model.model.visual, model.model.visual.merger
-    return torch.nn.ModuleList([model.model.vision_tower, model.model.multi_modal_projector]), model.model.multi_modal_projector
+def vision_modules(model) -> list[torch.nn.Module]:
+    """The vision tower + projector of a <Family>ForConditionalGeneration (the family's vision_paths),
+    the last of them the one whose output enters the language model."""
+    return [get_module(model, path) for path in family_for(model.config).vision_paths]
 
 
-def vision_features(model, family: str, pixels: dict) -> torch.Tensor:
-    """Image features as they enter the language model: [images * tokens, hidden]."""
-    if family == "qwen3-vl":
-        return model.model.visual(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"], return_dict=True).pooler_output
-    hidden = model.model.vision_tower(pixel_values=pixels["pixel_values"], return_dict=True).last_hidden_state
-    return model.model.multi_modal_projector(hidden).flatten(0, 1)
+def image_features(model, pixels: dict) -> torch.Tensor:
+    """Image features as they enter the language model, through the serving code's family adapter
+    (with gradients): [images * tokens, hidden]."""
+    fam = family_for(model.config)
+    return torch.cat([f.data[0] for f in fam.encode_pixels(model.model, fam.split_pixels(pixels))])
+
+
+def warmup_cosine(lr: float, step: int, warmup: int, frac: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 5% of `lr` at frac = 1."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
 def pretrain_vision(model, processor, family: str, head: RegionHead, rng: random.Random, steps: int,
@@ -267,30 +263,25 @@ def pretrain_vision(model, processor, family: str, head: RegionHead, rng: random
     """Stage 0: the vision tower + projector (and the read-out) on region labels alone."""
     from tqdm import tqdm
 
-    vision, _ = vision_parts(model, family)
-    params = list(vision.parameters()) + list(head.parameters())
+    params = [p for m in vision_modules(model) for p in m.parameters()] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-    grid = region_grid(family, model.config)
     probe = synthvqa.make_dataset(64, PROBE_SEED)
     probe_pixels = processor.image_processor(images=[s.image for s in probe], return_tensors="pt")
-    probe_labels = region_targets(probe, grid)
     history = []
     bar = tqdm(range(steps), desc=f"vision {family}", unit="step", dynamic_ncols=True)
     for step in bar:
-        lr_now = lr * (step + 1) / warmup if step < warmup else \
-            lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
-            g["lr"] = lr_now
+            g["lr"] = warmup_cosine(lr, step, warmup, step / steps)
         scenes = [synthvqa.sample(rng) for _ in range(batch_size)]
         pixels = processor.image_processor(images=[s.image for s in scenes], return_tensors="pt")
-        loss, _ = head(vision_features(model, family, pixels), region_targets(scenes, grid))
+        loss, _ = head(image_features(model, pixels), scenes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if (step + 1) % log_every == 0 or step + 1 == steps:
             with torch.no_grad():
-                ploss, accs = head(vision_features(model, family, probe_pixels), probe_labels)
+                ploss, accs = head(image_features(model, probe_pixels), probe)
             row = dict(step=step + 1, loss=round(loss.item(), 4), probe_loss=round(ploss.item(), 4))
             row.update({f"probe_{a}_acc": round(x, 3) for a, x in zip(synthvqa.REGION_ATTRIBUTES, accs)})
             history.append(row)
@@ -346,7 +337,6 @@ def train(family: str, out: str | Path, steps: int, batch_size: int = 16, lr: fl
     c0 = time.process_time()
     t0 = time.time()
     hidden = model.config.get_text_config().hidden_size
-    grid = region_grid(family, model.config)
     head = RegionHead(hidden)
     if vision_steps is None:
         vision_steps = 0 if init_from else VISION_PRETRAIN["steps"]
@@ -361,7 +351,8 @@ def train(family: str, out: str | Path, steps: int, batch_size: int = 16, lr: fl
     vision_wall = time.time() - t0
     # The region loss during stage 1 reads the features where they enter the language model.
     tap: dict = {}
-    hook = vision_parts(model, family)[1].register_forward_hook(lambda m, i, o: tap.__setitem__("feats", o))
+    hook = vision_modules(model)[-1].register_forward_hook(
+        lambda m, i, o: tap.__setitem__("feats", getattr(o, "pooler_output", o)))
     groups: dict[tuple, list] = {(1.0, 0.0): list(head.parameters())} if region_weight else {}
     for n, p in model.named_parameters():
         vision = any(v in n for v in ("visual", "vision_tower", "multi_modal_projector"))
@@ -377,9 +368,7 @@ def train(family: str, out: str | Path, steps: int, batch_size: int = 16, lr: fl
         return max(step / steps, (time.process_time() - c0) / 60 / max_minutes)
 
     def lr_at(step):
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress(step)))))
+        return warmup_cosine(lr, step, warmup, progress(step))
 
     # The training stream; held-out sets use other seeds (synthvqa.HELDOUT_SEED, EVAL_SEED).
     data_rng = random.Random(seed if data_seed is None else data_seed)
@@ -407,7 +396,7 @@ def train(family: str, out: str | Path, steps: int, batch_size: int = 16, lr: fl
         loss, acc = loss_and_acc(model, batch)
         total = loss
         if region_weight:
-            region_loss, _ = head(tap["feats"].reshape(-1, hidden), region_targets(samples, grid))
+            region_loss, _ = head(tap["feats"].reshape(-1, hidden), samples)
             total = loss + region_weight * region_loss
         opt.zero_grad(set_to_none=True)
         total.backward()
