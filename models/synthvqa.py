@@ -241,8 +241,8 @@ def _target(rng, objs):
     return objs[i], rng.choice([f"the object {ref}", f"the shape {ref}"])
 
 
-def _q_points(rng, objs):
-    """Facts in the text + the image: which colour is where."""
+def _points_facts(rng, objs) -> tuple[str, dict[str, int]]:
+    """Points per colour, stated in the text (every object's colour, maybe one colour that is absent)."""
     colors = [o.color for o in objs]
     extra = [c for c in COLORS if c not in colors]
     named = colors + rng.sample(extra, rng.randint(0, min(1, len(extra))))
@@ -253,7 +253,28 @@ def _q_points(rng, objs):
         facts.append(f"the {c} object is worth {values[c]} points" if j == 0 else
                      rng.choice([f"the {c} one {values[c]}", f"the {c} one is worth {values[c]}"]))
     fact = ", ".join(facts[:-1]) + (" and " if len(facts) > 1 else "") + facts[-1]
-    fact = fact[0].upper() + fact[1:] + "."
+    return fact[0].upper() + fact[1:] + ".", values
+
+
+def _owner_facts(rng, objs) -> tuple[str, dict[str, str], str]:
+    """Owners by shape (when the shapes differ) or by colour, stated in the text; and which key."""
+    by = rng.choice(["shape", "color"])
+    by = "shape" if by == "shape" and len({o.shape for o in objs}) == len(objs) else "color"
+    keys = [getattr(o, by) for o in objs]
+    owner = dict(zip(keys, rng.sample(NAMES, len(keys))))
+    order = list(keys)
+    rng.shuffle(order)
+    facts = [f"{owner[k].capitalize()} owns the {k}" + ("" if by == "shape" else " one") for k in order]
+    return ", ".join(facts[:-1]) + (" and " if len(facts) > 1 else "") + facts[-1] + ".", owner, by
+
+
+def _listing(parts: list[str]) -> str:
+    return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
+
+
+def _q_points(rng, objs):
+    """Facts in the text + the image: which colour is where."""
+    fact, values = _points_facts(rng, objs)
     o, ref = _target(rng, objs)
     q = rng.choice([f"How many points is {ref} worth?", f"What is {ref} worth?",
                     f"How many points does {ref} give?"])
@@ -262,21 +283,29 @@ def _q_points(rng, objs):
 
 def _q_owner(rng, objs):
     """Facts in the text + the image: owners by shape or colour, asked by place."""
-    by = rng.choice(["shape", "color"])
-    if by == "shape" and len({o.shape for o in objs}) == len(objs):
-        keys = [o.shape for o in objs]
-    else:
-        keys = [o.color for o in objs]
-    names = rng.sample(NAMES, len(keys))
-    owner = dict(zip(keys, names))
-    order = list(keys)
-    rng.shuffle(order)
-    facts = [f"{owner[k].capitalize()} owns the {k}" + ("" if k in SHAPES else " one") for k in order]
-    fact = ", ".join(facts[:-1]) + (" and " if len(facts) > 1 else "") + facts[-1] + "."
+    fact, owner, by = _owner_facts(rng, objs)
     o, ref = _target(rng, objs)
-    key = o.shape if keys[0] in SHAPES else o.color
     q = rng.choice([f"Who owns {ref}?", f"Whose is {ref}?", f"Who is the owner of {ref}?"])
-    return f"{fact} {q}", owner[key]
+    return f"{fact} {q}", owner[getattr(o, by)]
+
+
+def _q_points_named(rng, objs):
+    """Training only (AUX_KINDS): `points` with the object named in the question, so the text lookup
+    can be learned before it is chained to a lookup in the image."""
+    fact, values = _points_facts(rng, objs)
+    o = rng.choice(objs)
+    q = rng.choice([f"How many points is the {o.color} {o.shape} worth?", f"What is the {o.color} object worth?",
+                    f"How many points does the {o.color} shape give?"])
+    return f"{fact} {q}", f"{values[o.color]} points"
+
+
+def _q_owner_named(rng, objs):
+    """Training only (AUX_KINDS): `owner` with the object named in the question."""
+    fact, owner, by = _owner_facts(rng, objs)
+    o = rng.choice(objs)
+    ref = f"the {o.shape}" if by == "shape" else f"the {o.color} {rng.choice(['one', 'object', 'shape'])}"
+    q = rng.choice([f"Who owns {ref}?", f"Whose is {ref}?", f"Who is the owner of {ref}?"])
+    return f"{fact} {q}", owner[getattr(o, by)]
 
 
 def _q_scene(rng, objs):
@@ -284,8 +313,7 @@ def _q_scene(rng, objs):
     image, so it gives the vision tower and the image-reading attention a dense signal."""
     q = rng.choice(["Describe the picture from left to right.", "List the shapes from left to right.",
                     "What is in the picture, from left to right?"])
-    parts = [o.phrase() for o in objs]
-    return q, ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
+    return q, _listing([o.phrase() for o in objs])
 
 
 QUESTION_KINDS = {
@@ -298,7 +326,7 @@ QUESTION_KINDS = {
 WEIGHTS = {"count": 1, "count_shape": 1, "color": 1, "shape": 1, "describe": 1.5, "where": 1, "size": 1,
            "points": 2, "owner": 2}
 # Auxiliary kinds: used by the training curriculum (models/train.py), never in the held-out sets.
-AUX_KINDS = {"scene": _q_scene}
+AUX_KINDS = {"scene": _q_scene, "points_named": _q_points_named, "owner_named": _q_owner_named}
 IMAGE_ONLY_KINDS = ("count", "count_shape", "color", "shape", "describe", "where", "size")
 CONTEXT_KINDS = ("points", "owner")
 

@@ -36,10 +36,17 @@ TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=12, num_at
 # answered from the image, plus full left-to-right scene descriptions ("scene", an auxiliary kind that
 # is never asked in the held-out sets), whose answers depend on the image in almost every token.
 # Scene descriptions stay in the mix after that.
+# The text lookups with the object named in the question ("points_named", "owner_named", also
+# auxiliary) run from the start: the lookup is learned on them before it is chained to the image.
 CURRICULUM = (
-    (0.15, {"scene": 3.0, **{k: synthvqa.WEIGHTS[k] for k in synthvqa.IMAGE_ONLY_KINDS}}),
-    (1.0, {"scene": 1.5, **synthvqa.WEIGHTS}),
+    (0.15, {"scene": 3.0, "points_named": 1.5, "owner_named": 1.5,
+            **{k: synthvqa.WEIGHTS[k] for k in synthvqa.IMAGE_ONLY_KINDS}}),
+    (1.0, {"scene": 1.5, "points_named": 1.0, "owner_named": 1.0, **synthvqa.WEIGHTS}),
 )
+# Weight of a language-model loss on the prompt's text tokens (questions and facts), next to the
+# answer loss: the forward pass is paid for anyway, and predicting the facts' colours and order
+# trains reading the image and the earlier facts.
+PROMPT_LOSS_WEIGHT = 0.2
 
 
 BUCKET = 4  # batches drawn at once and grouped by length
@@ -166,6 +173,7 @@ def collate(items: list[dict], family: str, pad_id: int) -> dict:
     B = len(items)
     ids = torch.full((B, n), pad_id, dtype=torch.long)
     labels = torch.full((B, n), -100, dtype=torch.long)
+    prompt_labels = torch.full((B, n), -100, dtype=torch.long)
     mask = torch.zeros((B, n), dtype=torch.long)
     types = torch.zeros((B, n), dtype=torch.long)
     for i, it in enumerate(items):
@@ -173,9 +181,10 @@ def collate(items: list[dict], family: str, pad_id: int) -> dict:
         ids[i, : len(p)] = p
         ids[i, len(p): len(p) + len(a)] = a
         labels[i, len(p): len(p) + len(a)] = a  # the loss: answer tokens and eos only
+        prompt_labels[i, : len(p)] = torch.where(it["types"] == 0, p, -100)  # the prompt's text tokens
         mask[i, : len(p) + len(a)] = 1
         types[i, : len(p)] = it["types"]
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "prompt_labels": prompt_labels,
              "pixel_values": torch.cat([it["pixel_values"] for it in items])}
     if family == "qwen3-vl":
         batch["image_grid_thw"] = torch.cat([it["grid"] for it in items])
@@ -185,17 +194,21 @@ def collate(items: list[dict], family: str, pad_id: int) -> dict:
     return batch
 
 
-def loss_and_acc(model, batch) -> tuple[torch.Tensor, float]:
+def loss_and_acc(model, batch, prompt_weight: float = 0.0) -> tuple[torch.Tensor, float]:
     """Cross-entropy over each answer's tokens (and eos), averaged per sample and then over the
-    batch, so that long answers (scene descriptions) weigh as much as short ones; and the
-    teacher-forced exact-match rate."""
+    batch, so that long answers (scene descriptions) weigh as much as short ones (+ `prompt_weight`
+    x the mean cross-entropy over the prompt's text tokens); and the teacher-forced exact-match rate
+    of the answers."""
     labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "prompt_labels")}
     logits = model(**inputs).logits[:, :-1].float()
     target = labels[:, 1:]
     per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
     n_tokens = (target != -100).sum(-1).clamp(min=1)
     loss = (per_token.sum(-1) / n_tokens).mean()
+    if prompt_weight:
+        loss = loss + prompt_weight * torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), batch["prompt_labels"][:, 1:], ignore_index=-100)
     with torch.no_grad():  # teacher-forced exact match: every answer token (and eos) argmax-right
         ok = (logits.argmax(-1) == target) | (target == -100)
         acc = ok.all(-1).float().mean().item()
@@ -312,7 +325,7 @@ def train(family: str, out: str | Path, steps: int, batch_size: int = 16, lr: fl
           max_minutes: float = 28.0, log_every: int = 25, init_from: str | Path | None = None,
           data_seed: int | None = None, vision_lr_mult: float = 1.0, curriculum=CURRICULUM,
           probe_every: int = 250, vision_steps: int | None = None,
-          region_weight: float = REGION_LOSS_WEIGHT) -> dict:
+          region_weight: float = REGION_LOSS_WEIGHT, prompt_weight: float = PROMPT_LOSS_WEIGHT) -> dict:
     """Stage 0 (`vision_steps`, default VISION_PRETRAIN, none when continuing a checkpoint): the
     vision tower on region labels. Stage 1 (`steps`): everything, teacher forcing on SynthVQA with
     the curriculum, plus `region_weight` x the region loss. `max_minutes` of CPU time covers both."""
@@ -393,7 +406,7 @@ def train(family: str, out: str | Path, steps: int, batch_size: int = 16, lr: fl
         batch = collate(encoded_batch, family, pad_id)
         for g in opt.param_groups:
             g["lr"] = lr_at(step) * g["lr_mult"]
-        loss, acc = loss_and_acc(model, batch)
+        loss, acc = loss_and_acc(model, batch, prompt_weight)
         total = loss
         if region_weight:
             region_loss, _ = head(tap["feats"].reshape(-1, hidden), samples)
@@ -435,7 +448,7 @@ def train(family: str, out: str | Path, steps: int, batch_size: int = 16, lr: fl
                 batch_size=batch_size, lr=lr, vision_lr_mult=vision_lr_mult, seed=seed, threads=threads, wall_seconds=round(elapsed, 1),
                 samples_seen=done * batch_size, warmup=warmup,
                 curriculum=[dict(until=u, kinds=k) for u, k in curriculum] if curriculum else None,
-                vocab_size=len(processor.tokenizer), region_loss_weight=region_weight,
+                vocab_size=len(processor.tokenizer), region_loss_weight=region_weight, prompt_loss_weight=prompt_weight,
                 vision_pretrain=dict(VISION_PRETRAIN, steps=vision_steps, cpu_seconds=round(vision_cpu, 1),
                                      wall_seconds=round(vision_wall, 1), history=vision_history),
                 history=history)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -29,6 +30,40 @@ def test_region_labels_follow_the_scene():
     # With two objects the places are left / right, as the questions name them.
     two = synthvqa.region_labels(objs[:2], 3)
     assert two[7][3] == synthvqa.PLACES.index("on the right") + 1
+
+
+def test_named_lookup_kinds_state_the_answer_in_the_text():
+    """The auxiliary lookups name the object in the question; the answer is the value the text gives
+    that object (so they can be learned without the image)."""
+    rng = random.Random(5)
+    for _ in range(30):
+        s = synthvqa.sample(rng, {"points_named": 1})
+        values = dict(re.findall(r"(\w+) (?:object is worth|one is worth|one) (\d)", s.question))
+        color = re.findall(r"the (\w+)", s.question.split(". ")[-1])[-1]
+        assert color in {o.color for o in s.objects} and s.answer == f"{values[color]} points"
+        s = synthvqa.sample(rng, {"owner_named": 1})
+        owners = {k: name.lower() for name, k in re.findall(r"(\w+) owns the (\w+)", s.question.rsplit(". ", 1)[0])}
+        asked = re.findall(r"the (\w+)", s.question.split(". ")[-1])[-1]
+        assert s.answer == owners[asked]
+    # Never asked in the held-out sets.
+    assert not {s.kind for s in synthvqa.make_dataset(200, synthvqa.HELDOUT_SEED)} & set(synthvqa.AUX_KINDS)
+
+
+def test_prompt_loss_covers_the_prompt_text_only():
+    """The prompt's language-model loss has targets on its text tokens, never on image tokens or on
+    the answer; with weight 0 the loss is the answer loss alone."""
+    torch.manual_seed(0)
+    model, processor = T.build_model("gemma3", 2, seed=0)
+    samples = synthvqa.make_dataset(4, 0)
+    items = [T.encode_sample(processor, "gemma3", s) for s in samples]
+    batch = T.collate(items, "gemma3", processor.tokenizer.pad_token_id)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image_soft_token>")
+    pl = batch["prompt_labels"]
+    assert (pl != -100).any() and not (pl == image_id).any()
+    assert not ((pl != -100) & (batch["labels"] != -100)).any()
+    plain, _ = T.loss_and_acc(model, batch)
+    with_prompt, _ = T.loss_and_acc(model, batch, prompt_weight=0.5)
+    assert with_prompt > plain
 
 
 @pytest.mark.parametrize("family", ["gemma3", "qwen3-vl"])
@@ -62,7 +97,8 @@ def test_two_stage_training_writes_loadable_checkpoints(tmp_path):
                     init_from=s1, data_seed=1, max_minutes=5)
     assert info2["vision_pretrain"]["steps"] == 0
     assert [p["until"] for p in info2["curriculum"]] == [1.0]
-    assert {"scene", "points", "owner"} <= set(info2["curriculum"][0]["kinds"])
+    assert {"scene", "points", "owner", "points_named"} <= set(info2["curriculum"][0]["kinds"])
+    assert info1["prompt_loss_weight"] == T.PROMPT_LOSS_WEIGHT
     assert info2["previous_stages"][0]["steps"] == 6 and info2["data_seed"] == 1
     saved = json.loads((s2 / "training.json").read_text())
     assert saved["steps"] == 4 and saved["init_from"] == str(s1)
