@@ -272,12 +272,15 @@ def _listing(parts: list[str]) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
 
 
+POINTS_QUESTIONS = ("How many points is {} worth?", "What is {} worth?", "How many points does {} give?")
+OWNER_QUESTIONS = ("Who owns {}?", "Whose is {}?", "Who is the owner of {}?")
+
+
 def _q_points(rng, objs):
     """Facts in the text + the image: which colour is where."""
     fact, values = _points_facts(rng, objs)
     o, ref = _target(rng, objs)
-    q = rng.choice([f"How many points is {ref} worth?", f"What is {ref} worth?",
-                    f"How many points does {ref} give?"])
+    q = rng.choice(POINTS_QUESTIONS).format(ref)
     return f"{fact} {q}", f"{values[o.color]} points"
 
 
@@ -285,7 +288,7 @@ def _q_owner(rng, objs):
     """Facts in the text + the image: owners by shape or colour, asked by place."""
     fact, owner, by = _owner_facts(rng, objs)
     o, ref = _target(rng, objs)
-    q = rng.choice([f"Who owns {ref}?", f"Whose is {ref}?", f"Who is the owner of {ref}?"])
+    q = rng.choice(OWNER_QUESTIONS).format(ref)
     return f"{fact} {q}", owner[getattr(o, by)]
 
 
@@ -294,8 +297,8 @@ def _q_points_named(rng, objs):
     can be learned before it is chained to a lookup in the image."""
     fact, values = _points_facts(rng, objs)
     o = rng.choice(objs)
-    q = rng.choice([f"How many points is the {o.color} {o.shape} worth?", f"What is the {o.color} object worth?",
-                    f"How many points does the {o.color} shape give?"])
+    refs = (f"the {o.color} {o.shape}", f"the {o.color} object", f"the {o.color} shape")
+    q = rng.choice([t.format(ref) for t, ref in zip(POINTS_QUESTIONS, refs)])
     return f"{fact} {q}", f"{values[o.color]} points"
 
 
@@ -304,7 +307,7 @@ def _q_owner_named(rng, objs):
     fact, owner, by = _owner_facts(rng, objs)
     o = rng.choice(objs)
     ref = f"the {o.shape}" if by == "shape" else f"the {o.color} {rng.choice(['one', 'object', 'shape'])}"
-    q = rng.choice([f"Who owns {ref}?", f"Whose is {ref}?", f"Who is the owner of {ref}?"])
+    q = rng.choice(OWNER_QUESTIONS).format(ref)
     return f"{fact} {q}", owner[getattr(o, by)]
 
 

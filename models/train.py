@@ -367,8 +367,9 @@ def train(family: str, out: str | Path, steps: int, batch_size: int = 16, lr: fl
     hook = vision_modules(model)[-1].register_forward_hook(
         lambda m, i, o: tap.__setitem__("feats", getattr(o, "pooler_output", o)))
     groups: dict[tuple, list] = {(1.0, 0.0): list(head.parameters())} if region_weight else {}
+    vision_ids = {id(p) for m in vision_modules(model) for p in m.parameters()}
     for n, p in model.named_parameters():
-        vision = any(v in n for v in ("visual", "vision_tower", "multi_modal_projector"))
+        vision = id(p) in vision_ids
         decays = p.ndim >= 2 and "embed" not in n
         groups.setdefault((vision_lr_mult if vision else 1.0, 0.01 if decays else 0.0), []).append(p)
     opt = torch.optim.AdamW([{"params": ps, "weight_decay": wd, "lr_mult": mult} for (mult, wd), ps in groups.items()],
