@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import socket
 import time
 from pathlib import Path
 
@@ -57,6 +59,24 @@ def curriculum_kinds(frac: float, curriculum=CURRICULUM) -> dict[str, float]:
         if frac < until:
             return kinds
     return curriculum[-1][1]
+
+
+class KindErrors:
+    """Hard-kind sampling: the curriculum's weight of each question kind is scaled by the kind's
+    recent error rate (a moving average of teacher-forced exact match on its training samples), so
+    the steps go where the model still fails (the lookups) instead of where it is already right
+    (counting); `floor` keeps mastered kinds in the mix. Kinds not seen yet count as all wrong."""
+
+    def __init__(self, floor: float = 0.1, decay: float = 0.98):
+        self.floor, self.decay, self.error = floor, decay, {}
+
+    def update(self, kinds: list[str], ok: list[bool]) -> None:
+        for kind, right in zip(kinds, ok):
+            e = self.error.get(kind, 1.0)
+            self.error[kind] = self.decay * e + (1 - self.decay) * (0.0 if right else 1.0)
+
+    def reweight(self, weights: dict[str, float]) -> dict[str, float]:
+        return {k: w * max(self.error.get(k, 1.0), self.floor) for k, w in weights.items()}
 
 
 # ---- tokenizer -------------------------------------------------------------------------------
@@ -194,11 +214,11 @@ def collate(items: list[dict], family: str, pad_id: int) -> dict:
     return batch
 
 
-def loss_and_acc(model, batch, prompt_weight: float = 0.0) -> tuple[torch.Tensor, float]:
+def loss_and_acc(model, batch, prompt_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy over each answer's tokens (and eos), averaged per sample and then over the
     batch, so that long answers (scene descriptions) weigh as much as short ones (+ `prompt_weight`
-    x the mean cross-entropy over the prompt's text tokens); and the teacher-forced exact-match rate
-    of the answers."""
+    x the mean cross-entropy over the prompt's text tokens); and per sample, whether the answer is
+    teacher-forced exactly right (bool [batch])."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "prompt_labels")}
     logits = model(**inputs).logits[:, :-1].float()
@@ -210,9 +230,8 @@ def loss_and_acc(model, batch, prompt_weight: float = 0.0) -> tuple[torch.Tensor
         loss = loss + prompt_weight * torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), batch["prompt_labels"][:, 1:], ignore_index=-100)
     with torch.no_grad():  # teacher-forced exact match: every answer token (and eos) argmax-right
-        ok = (logits.argmax(-1) == target) | (target == -100)
-        acc = ok.all(-1).float().mean().item()
-    return loss, acc
+        ok = ((logits.argmax(-1) == target) | (target == -100)).all(-1)
+    return loss, ok
 
 
 # ---- image regions: a direct training signal for the vision tower -----------------------------
@@ -273,7 +292,8 @@ def warmup_cosine(lr: float, step: int, warmup: int, frac: float) -> float:
 
 def pretrain_vision(model, processor, family: str, head: RegionHead, rng: random.Random, steps: int,
                     batch_size: int, lr: float, warmup: int, log_every: int = 50) -> list[dict]:
-    """Stage 0: the vision tower + projector (and the read-out) on region labels alone."""
+    """Stage 0: the vision tower + projector (and the read-out) on region labels alone
+    (`batch_size` per process)."""
     from tqdm import tqdm
 
     params = [p for m in vision_modules(model) for p in m.parameters()] + list(head.parameters())
@@ -281,7 +301,7 @@ def pretrain_vision(model, processor, family: str, head: RegionHead, rng: random
     probe = synthvqa.make_dataset(64, PROBE_SEED)
     probe_pixels = processor.image_processor(images=[s.image for s in probe], return_tensors="pt")
     history = []
-    bar = tqdm(range(steps), desc=f"vision {family}", unit="step", dynamic_ncols=True)
+    bar = tqdm(range(steps), desc=f"vision {family}", unit="step", dynamic_ncols=True, disable=world()[0] != 0)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = warmup_cosine(lr, step, warmup, step / steps)
@@ -290,6 +310,7 @@ def pretrain_vision(model, processor, family: str, head: RegionHead, rng: random
         loss, _ = head(image_features(model, pixels), scenes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if (step + 1) % log_every == 0 or step + 1 == steps:
@@ -319,18 +340,119 @@ def image_reliance(model, processor, family: str, samples: list[synthvqa.Sample]
     return own, other
 
 
+# ---- data parallel: one training process per core ----------------------------------------------
+# On a CPU more compute means more cores, and one single-threaded process per core scales better than
+# more threads in one process (2 threads: 1.41x). So `procs` processes train one model, each pinned
+# to its own core with its own data stream, and average their gradients every step over
+# torch.distributed (gloo). The all-reduce is written out (one flat tensor per step) rather than
+# wrapping the model in DistributedDataParallel, because the vision pretraining and the region loss
+# run parts of the model outside its forward, where DDP's hooks would not see them.
+def world() -> tuple[int, int]:
+    """(rank, number of processes) of this training process; (0, 1) when not data parallel."""
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def average_gradients(params) -> None:
+    import torch.distributed as dist
+
+    if world()[1] == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world()[1]
+    for g, mean in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(mean)
+
+
+def agreed_max(x: float) -> float:
+    """The largest x over the processes: every process takes the same lr and the same stop decision."""
+    import torch.distributed as dist
+
+    if world()[1] == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def share_weights(model, processor) -> None:
+    """Every process starts from rank 0's weights, and must have built the same tokenizer."""
+    import torch.distributed as dist
+
+    if world()[1] == 1:
+        return
+    for t in model.state_dict().values():
+        dist.broadcast(t, 0)
+    vocab = sorted(processor.tokenizer.get_vocab().items())
+    sizes = [None] * world()[1]
+    dist.all_gather_object(sizes, vocab)
+    if any(v != vocab for v in sizes):
+        raise RuntimeError("the training processes built different tokenizers")
+
+
+def check_in_sync(model) -> None:
+    """The processes must end with the same weights (each step applies the same averaged gradients)."""
+    import torch.distributed as dist
+
+    if world()[1] == 1:
+        return
+    digest = [float(p.double().sum()) for p in model.parameters()]
+    digests = [None] * world()[1]
+    dist.all_gather_object(digests, digest)
+    if any(d != digest for d in digests):
+        raise RuntimeError("data-parallel training processes drifted apart")
+
+
+def _parallel_worker(rank: int, procs: int, port: int, cores: list[int] | None, kwargs: dict) -> None:
+    import torch.distributed as dist
+
+    if cores:
+        os.sched_setaffinity(0, {cores[rank]})
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=procs)
+    try:
+        train(**kwargs)
+    finally:
+        dist.destroy_process_group()
+
+
+def train_parallel(procs: int, **kwargs) -> dict:
+    """`train` in `procs` processes (one per core when there are enough cores); rank 0 writes the
+    checkpoint and training.json, which this returns."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cores = sorted(os.sched_getaffinity(0))
+    torch.multiprocessing.spawn(_parallel_worker, args=(procs, port, cores if len(cores) >= procs else None,
+                                                        dict(kwargs, procs=procs)), nprocs=procs)
+    return json.loads((Path(kwargs["out"]) / "training.json").read_text())
+
+
+def rank_rng(seed: int) -> random.Random:
+    """This process's random stream of `seed` (rank 0: the single-process stream)."""
+    rank = world()[0]
+    return random.Random(seed if rank == 0 else f"{seed}/rank{rank}")
+
+
 # ---- training --------------------------------------------------------------------------------
 def train(family: str, out: str | Path, steps: int, batch_size: int = 16, lr: float = 5e-4,
           layers: int = 12, seed: int = 0, threads: int = 1, warmup: int = 100,
           max_minutes: float = 28.0, log_every: int = 25, init_from: str | Path | None = None,
           data_seed: int | None = None, vision_lr_mult: float = 1.0, curriculum=CURRICULUM,
           probe_every: int = 250, vision_steps: int | None = None,
-          region_weight: float = REGION_LOSS_WEIGHT, prompt_weight: float = PROMPT_LOSS_WEIGHT) -> dict:
+          region_weight: float = REGION_LOSS_WEIGHT, prompt_weight: float = PROMPT_LOSS_WEIGHT,
+          hard_kinds: bool = True, procs: int = 1) -> dict:
     """Stage 0 (`vision_steps`, default VISION_PRETRAIN, none when continuing a checkpoint): the
     vision tower on region labels. Stage 1 (`steps`): everything, teacher forcing on SynthVQA with
-    the curriculum, plus `region_weight` x the region loss. `max_minutes` of CPU time covers both."""
+    the curriculum, plus `region_weight` x the region loss. `max_minutes` of CPU time (per process)
+    covers both. `procs` > 1: data parallel, one process per core, `batch_size` per process."""
     from tqdm import tqdm
 
+    if procs > 1 and world()[1] == 1:
+        return train_parallel(**{k: v for k, v in locals().items() if k != "tqdm"})
+    rank, size = world()
     torch.set_num_threads(threads)
     random.seed(seed)
     torch.manual_seed(seed)
@@ -344,6 +466,7 @@ def train(family: str, out: str | Path, steps: int, batch_size: int = 16, lr: fl
         prior = json.loads(prior_path.read_text()) if prior_path.exists() else None
     else:
         model, processor = build_model(family, layers, seed)
+    share_weights(model, processor)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     pad_id = processor.tokenizer.pad_token_id
@@ -358,8 +481,8 @@ def train(family: str, out: str | Path, steps: int, batch_size: int = 16, lr: fl
     vision_history = []
     if vision_steps:
         vcfg = dict(VISION_PRETRAIN, steps=vision_steps)
-        vision_history = pretrain_vision(model, processor, family, head, random.Random(seed + 1), vcfg["steps"],
-                                         vcfg["batch_size"], vcfg["lr"], vcfg["warmup"])
+        vision_history = pretrain_vision(model, processor, family, head, rank_rng(seed + 1), vcfg["steps"],
+                                         max(1, vcfg["batch_size"] // size), vcfg["lr"], vcfg["warmup"])
     vision_cpu = time.process_time() - c0
     vision_wall = time.time() - t0
     # The region loss during stage 1 reads the features where they enter the language model.
@@ -379,24 +502,32 @@ def train(family: str, out: str | Path, steps: int, batch_size: int = 16, lr: fl
         # Step-driven (reproducible). The budget is CPU time of this process (one thread: minutes of
         # one core), so other jobs on a shared machine stretch the wall clock but not the result;
         # on a slower machine the budget drives the cosine schedule so the run still anneals.
-        return max(step / steps, (time.process_time() - c0) / 60 / max_minutes)
-
-    def lr_at(step):
-        return warmup_cosine(lr, step, warmup, progress(step))
+        # Data parallel: the furthest process decides, so all take the same lr and stop together.
+        return agreed_max(max(step / steps, (time.process_time() - c0) / 60 / max_minutes))
 
     # The training stream; held-out sets use other seeds (synthvqa.HELDOUT_SEED, EVAL_SEED).
-    data_rng = random.Random(seed if data_seed is None else data_seed)
+    data_rng = rank_rng(seed if data_seed is None else data_seed)
     # The image-reliance probe: held-out questions (not the tests' HELDOUT_SEED), own vs swapped images.
     probe = synthvqa.make_dataset(48, PROBE_SEED)
+    trainable = [p for g in opt.param_groups for p in g["params"]]
     history = []
     queue: list = []
+    kind_errors = KindErrors()
     ema_loss, ema_acc = None, None
     time_limited = False
-    bar = tqdm(range(steps), desc=f"train {family}", unit="step", dynamic_ncols=True)
+    bar = tqdm(range(steps), desc=f"train {family}", unit="step", dynamic_ncols=True, disable=rank != 0)
     done = 0
     for step in bar:
+        frac = progress(step)
+        if frac >= 1.0 and step:
+            time_limited = step < steps
+            if rank == 0:
+                print(f"stopping at step {step}: CPU budget of {max_minutes} min reached")
+            break
         if not queue:  # BUCKET batches at a time, grouped by length: less padding, same samples
-            kinds = curriculum_kinds(step / steps, curriculum) if curriculum else None
+            kinds = curriculum_kinds(frac, curriculum) if curriculum else None
+            if kinds and hard_kinds:
+                kinds = kind_errors.reweight(kinds)
             drawn = [synthvqa.sample(data_rng, kinds) for _ in range(BUCKET * batch_size)]
             encoded = [encode_sample(processor, family, s) for s in drawn]
             order = sorted(range(len(drawn)), key=lambda i: len(encoded[i]["prompt"]) + len(encoded[i]["answer"]))
@@ -405,22 +536,26 @@ def train(family: str, out: str | Path, steps: int, batch_size: int = 16, lr: fl
             queue = [([drawn[i] for i in c], [encoded[i] for i in c]) for c in chunks]
         samples, encoded_batch = queue.pop()
         batch = collate(encoded_batch, family, pad_id)
+        lr_now = warmup_cosine(lr, step, warmup, frac)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step) * g["lr_mult"]
-        loss, acc = loss_and_acc(model, batch, prompt_weight)
+            g["lr"] = lr_now * g["lr_mult"]
+        loss, ok = loss_and_acc(model, batch, prompt_weight)
+        acc = ok.float().mean().item()
+        kind_errors.update([s.kind for s in samples], ok.tolist())
         total = loss
         if region_weight:
             region_loss, _ = head(tap["feats"].reshape(-1, hidden), samples)
             total = loss + region_weight * region_loss
         opt.zero_grad(set_to_none=True)
         total.backward()
+        average_gradients(trainable)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         done = step + 1
         ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
         ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
-        bar.set_postfix(loss=f"{ema_loss:.3f}", tf_acc=f"{ema_acc:.2f}", lr=f"{lr_at(step):.1e}")
-        if done % log_every == 0 or done == steps:
+        bar.set_postfix(loss=f"{ema_loss:.3f}", tf_acc=f"{ema_acc:.2f}", lr=f"{lr_now:.1e}")
+        if rank == 0 and (done % log_every == 0 or done == steps):
             row = dict(step=done, loss=round(ema_loss, 4), tf_acc=round(ema_acc, 3),
                        elapsed_s=round(time.time() - t0, 1), cpu_s=round(time.process_time() - c0, 1))
             if probe_every and (done % probe_every == 0 or done == steps):
@@ -428,13 +563,12 @@ def train(family: str, out: str | Path, steps: int, batch_size: int = 16, lr: fl
                 row.update(probe_loss=round(own, 4), probe_loss_swapped_images=round(swapped, 4))
                 bar.write(f"step {done}: held-out loss {own:.3f}, with swapped images {swapped:.3f}")
             history.append(row)
-        if progress(done) >= 1.0 and done < steps:
-            time_limited = True
-            print(f"stopping at step {done}: CPU budget of {max_minutes} min reached")
-            break
     bar.close()
     hook.remove()
     elapsed = time.time() - t0
+    check_in_sync(model)
+    if rank != 0:  # rank 0 writes the checkpoint
+        return {}
     model.eval()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -447,7 +581,9 @@ def train(family: str, out: str | Path, steps: int, batch_size: int = 16, lr: fl
     info = dict(family=family, params=n_params, layers=layers, steps=done, planned_steps=steps, time_limited=time_limited,
                 cpu_seconds=round(time.process_time() - c0, 1),
                 batch_size=batch_size, lr=lr, vision_lr_mult=vision_lr_mult, seed=seed, threads=threads, wall_seconds=round(elapsed, 1),
-                samples_seen=done * batch_size, warmup=warmup,
+                processes=size, samples_seen=done * batch_size * size, warmup=warmup,
+                hard_kinds=dict(floor=kind_errors.floor, final_error={k: round(e, 3) for k, e in sorted(kind_errors.error.items())})
+                if hard_kinds else None,
                 curriculum=[dict(until=u, kinds=k) for u, k in curriculum] if curriculum else None,
                 vocab_size=len(processor.tokenizer), region_loss_weight=region_weight, prompt_loss_weight=prompt_weight,
                 vision_pretrain=dict(VISION_PRETRAIN, steps=vision_steps, cpu_seconds=round(vision_cpu, 1),
@@ -522,7 +658,7 @@ def run_train_cli(args) -> int:
     torch.set_num_threads(args.threads)
     info = train(args.family, args.out, args.steps, args.batch_size, args.lr, args.layers, args.seed,
                  args.threads, warmup=args.warmup, max_minutes=args.max_minutes, init_from=args.init_from,
-                 data_seed=args.data_seed, vision_lr_mult=args.vision_lr_mult)
+                 data_seed=args.data_seed, vision_lr_mult=args.vision_lr_mult, procs=args.procs)
     if args.heldout:
         heldout = synthvqa.make_dataset(args.heldout, synthvqa.HELDOUT_SEED)
         acc, texts = accuracy(args.out, heldout)

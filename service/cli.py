@@ -100,9 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=5e-4)
     tr.add_argument("--layers", type=int, default=12)
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--threads", type=int, default=1)
+    tr.add_argument("--threads", type=int, default=1, help="torch threads per training process")
+    tr.add_argument("--procs", type=int, default=1,
+                    help="data-parallel training processes, one per core (--batch-size is per process)")
     tr.add_argument("--max-minutes", type=float, default=28.0,
-                    help="CPU-time budget (minutes of one core); past it the schedule anneals and training stops")
+                    help="CPU-time budget per process (minutes of one core); past it the schedule anneals and training stops")
     tr.add_argument("--warmup", type=int, default=100)
     tr.add_argument("--vision-lr-mult", type=float, default=1.0, help="lr multiplier of the vision tower + projector")
     tr.add_argument("--init-from", help="continue training this checkpoint (a second stage)")

@@ -109,3 +109,27 @@ def test_two_stage_training_writes_loadable_checkpoints(tmp_path):
     answers = T.Answerer(s2).answer(synthvqa.make_dataset(2, synthvqa.HELDOUT_SEED))
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     assert processor.tokenizer.pad_token_id is not None
+
+
+def test_hard_kind_sampling_moves_weight_to_failing_kinds():
+    errors = T.KindErrors(floor=0.1, decay=0.5)
+    base = {"count": 1.0, "points": 2.0, "owner": 2.0}
+    assert errors.reweight(base) == base  # nothing seen yet: every kind counts as failing
+    for _ in range(10):
+        errors.update(["count", "points", "owner"], [True, False, True])
+    w = errors.reweight(base)
+    assert w["points"] == pytest.approx(2.0, abs=1e-3)  # still failing: full weight
+    assert w["count"] == pytest.approx(0.1) and w["owner"] == pytest.approx(0.2)  # mastered: the floor
+
+
+def test_data_parallel_training_keeps_processes_in_sync(tmp_path):
+    """Two processes (gloo) train one model on different data: the run ends with both holding the
+    same weights (train checks it and raises otherwise), rank 0 writes a loadable checkpoint, and
+    the record counts both processes' samples."""
+    from transformers import AutoModelForImageTextToText
+
+    info = T.train("gemma3", tmp_path / "dp", steps=4, batch_size=2, layers=2, warmup=1, log_every=2,
+                   probe_every=0, vision_steps=2, max_minutes=5, procs=2)
+    assert info["processes"] == 2 and info["steps"] == 4 and info["samples_seen"] == 4 * 2 * 2
+    assert set(info["hard_kinds"]["final_error"]) <= set(synthvqa.QUESTION_KINDS) | set(synthvqa.AUX_KINDS)
+    assert AutoModelForImageTextToText.from_pretrained(tmp_path / "dp").config.get_text_config().num_hidden_layers == 2
