@@ -517,6 +517,7 @@ def train(family: str, out: str | Path, steps: int, batch_size: int = 16, lr: fl
     time_limited = False
     bar = tqdm(range(steps), desc=f"train {family}", unit="step", dynamic_ncols=True, disable=rank != 0)
     done = 0
+    start = progress(0)  # the vision pretraining's share of the budget
     for step in bar:
         frac = progress(step)
         if frac >= 1.0 and step:
@@ -525,7 +526,8 @@ def train(family: str, out: str | Path, steps: int, batch_size: int = 16, lr: fl
                 print(f"stopping at step {step}: CPU budget of {max_minutes} min reached")
             break
         if not queue:  # BUCKET batches at a time, grouped by length: less padding, same samples
-            kinds = curriculum_kinds(frac, curriculum) if curriculum else None
+            # The curriculum's phases are fractions of this stage (the budget left after the vision stage).
+            kinds = curriculum_kinds((frac - start) / max(1 - start, 1e-6), curriculum) if curriculum else None
             if kinds and hard_kinds:
                 kinds = kind_errors.reweight(kinds)
             drawn = [synthvqa.sample(data_rng, kinds) for _ in range(BUCKET * batch_size)]
