@@ -387,9 +387,9 @@ def share_weights(model, processor) -> None:
     for t in model.state_dict().values():
         dist.broadcast(t, 0)
     vocab = sorted(processor.tokenizer.get_vocab().items())
-    sizes = [None] * world()[1]
-    dist.all_gather_object(sizes, vocab)
-    if any(v != vocab for v in sizes):
+    vocabs = [None] * world()[1]
+    dist.all_gather_object(vocabs, vocab)
+    if any(v != vocab for v in vocabs):
         raise RuntimeError("the training processes built different tokenizers")
 
 

@@ -133,3 +133,12 @@ def test_data_parallel_training_keeps_processes_in_sync(tmp_path):
     assert info["processes"] == 2 and info["steps"] == 4 and info["samples_seen"] == 4 * 2 * 2
     assert set(info["hard_kinds"]["final_error"]) <= set(synthvqa.QUESTION_KINDS) | set(synthvqa.AUX_KINDS)
     assert AutoModelForImageTextToText.from_pretrained(tmp_path / "dp").config.get_text_config().num_hidden_layers == 2
+
+
+def test_each_process_draws_its_own_data_stream(monkeypatch):
+    """Rank 0 keeps the single-process stream (so procs=1 is unchanged); other ranks draw different,
+    but still seeded, samples."""
+    assert T.rank_rng(0).random() == random.Random(0).random()
+    monkeypatch.setattr(T, "world", lambda: (1, 2))
+    a, b = T.rank_rng(0).random(), T.rank_rng(0).random()
+    assert a == b != random.Random(0).random()
