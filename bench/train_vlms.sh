@@ -9,10 +9,11 @@
 # with the curriculum and hard-kind sampling, in a budget of TRAIN_MINUTES of CPU time per process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# nproc honours OMP_NUM_THREADS, so count the cores without it.
+PROCS=${PROCS:-$(( $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) >= 2 ? 2 : 1 ))}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 PY=.venv/bin/python
 TRAIN_MINUTES=${TRAIN_MINUTES:-26}
-PROCS=${PROCS:-$(( $(nproc) >= 2 ? 2 : 1 ))}
 EVAL_N=${EVAL_N:-100}
 IMPORTANCE_SAMPLES=${IMPORTANCE_SAMPLES:-32}
 mkdir -p bench/logs
