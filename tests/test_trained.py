@@ -25,19 +25,13 @@ def _shipped_accuracy() -> float:
         return 0.0
 
 
-# The shipped models read the image but are under-trained (docs/trained-models.md): 65-70% on
+# The shipped models read the image but are under-trained (docs/trained-models.md): 70-75.5% on
 # held-out questions. The accuracy tests below state the target; they are expected to fail until a
 # checkpoint whose training.json reports >= 90% held-out accuracy is shipped.
 needs_accurate_model = pytest.mark.xfail(
     _shipped_accuracy() < MIN_ACCURACY, strict=True,
     reason=f"shipped default scored {_shipped_accuracy():.1%} held-out in training (< {MIN_ACCURACY:.0%}); "
            "see docs/trained-models.md")
-# The demo question on its own: the under-trained default's first answer token is a near tie
-# (log-probs "7" -0.982, "9" -0.983: right with the full model, wrong with POP at 1/3), so it may
-# pass or fail on numerical noise: not strict. With a >= 90% model the mark goes and they must pass.
-demo_needs_accurate_model = pytest.mark.xfail(
-    _shipped_accuracy() < MIN_ACCURACY, strict=False,
-    reason="the under-trained default's demo answer is a near tie between 7 and 9 points; see docs/trained-models.md")
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +89,6 @@ def test_default_model_answers_heldout_in_process(answerer, heldout):
     assert 1 - len(wrong) / len(heldout) >= MIN_ACCURACY, wrong
 
 
-@demo_needs_accurate_model
 def test_demo_in_process(answerer):
     demo = synthvqa.demo_sample()
     assert synthvqa.is_correct(answerer.answer([demo])[0], demo.answer)
@@ -151,7 +144,6 @@ def test_readme_demo_request_is_served(trained_url):
     assert choice["message"]["content"].strip() and choice["finish_reason"] == "stop"
 
 
-@demo_needs_accurate_model
 def test_readme_demo_request(trained_url):
     """docs/trained-models.md's curl: exactly docs/trained/demo_request.json (POP at the default
     ratio), and the same with "pop": false, answer the demo question correctly."""
