@@ -450,7 +450,7 @@ def train(family: str, out: str | Path, steps: int, batch_size: int = 16, lr: fl
     covers both. `procs` > 1: data parallel, one process per core, `batch_size` per process."""
     from tqdm import tqdm
 
-    if procs > 1 and world()[1] == 1:
+    if procs > 1 and world()[1] == 1:  # start the processes, each runs this function with these arguments
         return train_parallel(**{k: v for k, v in locals().items() if k != "tqdm"})
     rank, size = world()
     torch.set_num_threads(threads)
