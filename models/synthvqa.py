@@ -241,6 +241,11 @@ def _target(rng, objs):
     return objs[i], rng.choice([f"the object {ref}", f"the shape {ref}"])
 
 
+def _listing(parts: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
+
+
 def _points_facts(rng, objs) -> tuple[str, dict[str, int]]:
     """Points per colour, stated in the text (every object's colour, maybe one colour that is absent)."""
     colors = [o.color for o in objs]
@@ -252,7 +257,7 @@ def _points_facts(rng, objs) -> tuple[str, dict[str, int]]:
     for j, c in enumerate(named):
         facts.append(f"the {c} object is worth {values[c]} points" if j == 0 else
                      rng.choice([f"the {c} one {values[c]}", f"the {c} one is worth {values[c]}"]))
-    fact = ", ".join(facts[:-1]) + (" and " if len(facts) > 1 else "") + facts[-1]
+    fact = _listing(facts)
     return fact[0].upper() + fact[1:] + ".", values
 
 
@@ -265,11 +270,7 @@ def _owner_facts(rng, objs) -> tuple[str, dict[str, str], str]:
     order = list(keys)
     rng.shuffle(order)
     facts = [f"{owner[k].capitalize()} owns the {k}" + ("" if by == "shape" else " one") for k in order]
-    return ", ".join(facts[:-1]) + (" and " if len(facts) > 1 else "") + facts[-1] + ".", owner, by
-
-
-def _listing(parts: list[str]) -> str:
-    return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
+    return _listing(facts) + ".", owner, by
 
 
 POINTS_QUESTIONS = ("How many points is {} worth?", "What is {} worth?", "How many points does {} give?")

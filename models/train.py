@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from . import synthvqa
 from . import tiny
@@ -349,28 +350,23 @@ def image_reliance(model, processor, family: str, samples: list[synthvqa.Sample]
 # run parts of the model outside its forward, where DDP's hooks would not see them.
 def world() -> tuple[int, int]:
     """(rank, number of processes) of this training process; (0, 1) when not data parallel."""
-    import torch.distributed as dist
-
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def average_gradients(params) -> None:
-    import torch.distributed as dist
-
-    if world()[1] == 1:
+    size = world()[1]
+    if size == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch._utils._flatten_dense_tensors(grads)
     dist.all_reduce(flat)
-    flat /= world()[1]
+    flat /= size
     for g, mean in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
         g.copy_(mean)
 
 
 def agreed_max(x: float) -> float:
     """The largest x over the processes: every process takes the same lr and the same stop decision."""
-    import torch.distributed as dist
-
     if world()[1] == 1:
         return x
     t = torch.tensor([x], dtype=torch.float64)
@@ -380,8 +376,6 @@ def agreed_max(x: float) -> float:
 
 def share_weights(model, processor) -> None:
     """Every process starts from rank 0's weights, and must have built the same tokenizer."""
-    import torch.distributed as dist
-
     if world()[1] == 1:
         return
     for t in model.state_dict().values():
@@ -395,8 +389,6 @@ def share_weights(model, processor) -> None:
 
 def check_in_sync(model) -> None:
     """The processes must end with the same weights (each step applies the same averaged gradients)."""
-    import torch.distributed as dist
-
     if world()[1] == 1:
         return
     digest = [float(p.double().sum()) for p in model.parameters()]
@@ -407,8 +399,6 @@ def check_in_sync(model) -> None:
 
 
 def _parallel_worker(rank: int, procs: int, port: int, cores: list[int] | None, kwargs: dict) -> None:
-    import torch.distributed as dist
-
     if cores:
         os.sched_setaffinity(0, {cores[rank]})
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=procs)
