@@ -1,0 +1,142 @@
+"""The text-lookup plateau of the trained models (docs/trained-models.md, "the text lookup on its own").
+
+Trains the Qwen3-VL language model of the shipped shape (no vision stage) on the two named lookups
+alone ("The red one is worth 6, ... How many points is the red one worth?"), optionally after and/or
+alongside dense associative-recall streams (the same keys repeated in one stream, loss on every
+repeated key's value), and prints the recall accuracy and the lookups' teacher-forced exact match as
+it goes. One core, one thread; a diagnostic, not part of the shipped recipe.
+
+    python bench/lookup_plateau.py --minutes 7                          # lookups alone: ~0.50 plateau
+    python bench/lookup_plateau.py --pretrain-s 1000 --minutes 9 --mix 1 --const-lr   # circuit first, kept
+    python bench/lookup_plateau.py --pretrain-s 2400 --format facts --minutes 7       # facts' wording
+    python bench/lookup_plateau.py --pretrain-s 1200 --minutes 0       # recall alone: transition ~step 1900
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import models.train as T  # noqa: E402
+from models import synthvqa  # noqa: E402
+
+LOOKUPS = {"points_named": 1.0, "owner_named": 1.0}
+PHRASES = ("the {} one {},", "the {} one is worth {},", "the {} object is worth {} points,")
+
+
+class RecallStreams:
+    """16 streams per batch over `n_keys` keys each; `bare`: key value key value ... (48 tokens);
+    `facts`: the facts' own phrases (90 tokens), the value 1-3 tokens after its colour."""
+
+    def __init__(self, tok, fmt: str, seed: int, n_keys: int = 4):
+        self.tok, self.fmt, self.rng, self.n_keys = tok, fmt, random.Random(seed + 7), n_keys
+        self.keys = [self.ids(" " + w)[0] for w in list(synthvqa.COLORS) + ["circle", "square", "triangle"]]
+        self.values = [self.ids(f" {d}")[0] for d in range(1, 10)]
+
+    def ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        seqs, labels = [], []
+        for _ in range(16):
+            seq, lab, seen = [], [], set()
+            if self.fmt == "bare":
+                keys = self.rng.sample(self.keys, self.n_keys)
+                bind = {k: self.rng.choice(self.values) for k in keys}
+                for _ in range(24):
+                    k = self.rng.choice(keys)
+                    seq += [k, bind[k]]
+                    lab += [-100, bind[k] if k in seen else -100]
+                    seen.add(k)
+            else:
+                colours = self.rng.sample(list(synthvqa.COLORS), self.n_keys)
+                bind = {c: self.rng.randint(1, 9) for c in colours}
+                while len(seq) < 90:
+                    c = self.rng.choice(colours)
+                    t = self.ids(" " + self.rng.choice(PHRASES).format(c, bind[c]))
+                    at = t.index(self.values[bind[c] - 1])
+                    seq += t
+                    lab += [t[j] if j == at and c in seen else -100 for j in range(len(t))]
+                    seen.add(c)
+                seq, lab = seq[:90], lab[:90]
+            seqs.append(seq)
+            labels.append(lab)
+        return torch.tensor(seqs), torch.tensor(labels)
+
+    def loss(self, model) -> tuple[torch.Tensor, float]:
+        ids, labels = self.batch()
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, :-1]
+        target = labels[:, 1:]
+        mask = target != -100
+        acc = ((logits.argmax(-1) == target) & mask).sum().item() / mask.sum().item()
+        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100), acc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=7.0, help="CPU minutes of lookups (0: recall only)")
+    ap.add_argument("--pretrain-s", type=float, default=0.0, help="CPU seconds of recall alone first")
+    ap.add_argument("--format", choices=("bare", "facts"), default="bare")
+    ap.add_argument("--keys", type=int, default=4, help="keys per recall stream")
+    ap.add_argument("--mix", type=float, default=0.0, help="weight of a recall batch in every lookup step")
+    ap.add_argument("--lr", type=float, default=5e-4, help="the lookups' learning rate (recall alone: 1e-3)")
+    ap.add_argument("--const-lr", action="store_true", help="no cosine decay after warm-up")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="/tmp/popserve-lookup-plateau")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.const_lr:
+        T.warmup_cosine = lambda lr, step, warmup, frac: lr * min(1.0, (step + 1) / warmup)
+    recall: dict = {}
+    build = T.build_model
+
+    def build_then_pretrain(family, layers, seed):
+        model, processor = build(family, layers, seed)
+        streams = recall["streams"] = RecallStreams(processor.tokenizer, args.format, seed, args.keys)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0)
+        c0, step, accs = time.process_time(), 0, []
+        while time.process_time() - c0 < args.pretrain_s:
+            loss, acc = streams.loss(model)
+            for g in opt.param_groups:
+                g["lr"] = 1e-3 * min(1.0, (step + 1) / 50)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            accs.append(acc)
+            step += 1
+            if step % 100 == 0:
+                print(f"recall step {step}: accuracy {sum(accs[-50:]) / 50:.2f} (last 50 steps)", flush=True)
+        return model, processor
+
+    lookup_loss = T.loss_and_acc
+
+    def lookup_and_recall_loss(model, batch, prompt_weight=0.0):
+        loss, ok = lookup_loss(model, batch, prompt_weight)
+        if args.mix:
+            extra, acc = recall["streams"].loss(model)
+            loss = loss + args.mix * extra
+            recall.setdefault("accs", []).append(acc)
+            if len(recall["accs"]) % 100 == 0:
+                print(f"\nlookup step {len(recall['accs'])}: recall accuracy {sum(recall['accs'][-50:]) / 50:.2f}",
+                      flush=True)
+        return loss, ok
+
+    T.build_model, T.loss_and_acc = build_then_pretrain, lookup_and_recall_loss
+    if args.minutes <= 0:
+        build_then_pretrain("qwen3-vl", T.TEXT["num_hidden_layers"], args.seed)
+        return
+    info = T.train("qwen3-vl", args.out, steps=100_000, lr=args.lr, seed=args.seed, max_minutes=args.minutes,
+                   vision_steps=0, region_weight=0.0, curriculum=((1.0, LOOKUPS),), probe_every=0,
+                   hard_kinds=False)
+    print("lookups, teacher-forced exact match (moving average) by step:",
+          ", ".join(f"{r['step']}: {r['tf_acc']:.2f}" for r in info["history"][::4]))
+
+
+if __name__ == "__main__":
+    main()
