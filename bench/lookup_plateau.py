@@ -77,6 +77,10 @@ class RecallStreams:
         return torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100), acc
 
 
+def recent(accs: list[float], n: int = 50) -> float:
+    return sum(accs[-n:]) / len(accs[-n:])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=7.0, help="CPU minutes of lookups (0: recall only)")
@@ -90,8 +94,9 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/popserve-lookup-plateau")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    if args.const_lr:
-        T.warmup_cosine = lambda lr, step, warmup, frac: lr * min(1.0, (step + 1) / warmup)
+    warmup_cosine = T.warmup_cosine
+    if args.const_lr:  # the shipped warm-up, then no decay
+        T.warmup_cosine = lambda lr, step, warmup, frac: warmup_cosine(lr, step, warmup, 0.0)
     recall: dict = {}
     build = T.build_model
 
@@ -103,7 +108,7 @@ def main() -> None:
         while time.process_time() - c0 < args.pretrain_s:
             loss, acc = streams.loss(model)
             for g in opt.param_groups:
-                g["lr"] = 1e-3 * min(1.0, (step + 1) / 50)
+                g["lr"] = warmup_cosine(1e-3, step, 50, 0.0)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -111,7 +116,7 @@ def main() -> None:
             accs.append(acc)
             step += 1
             if step % 100 == 0:
-                print(f"recall step {step}: accuracy {sum(accs[-50:]) / 50:.2f} (last 50 steps)", flush=True)
+                print(f"recall step {step}: accuracy {recent(accs):.2f} (last 50 steps)", flush=True)
         return model, processor
 
     lookup_loss = T.loss_and_acc
@@ -123,8 +128,7 @@ def main() -> None:
             loss = loss + args.mix * extra
             recall.setdefault("accs", []).append(acc)
             if len(recall["accs"]) % 100 == 0:
-                print(f"\nlookup step {len(recall['accs'])}: recall accuracy {sum(recall['accs'][-50:]) / 50:.2f}",
-                      flush=True)
+                print(f"\nlookup step {len(recall['accs'])}: recall accuracy {recent(recall['accs']):.2f}", flush=True)
         return loss, ok
 
     # train() has no hooks for a pretraining stage or an extra loss, and the shipped recipe needs none:
