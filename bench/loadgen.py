@@ -39,13 +39,17 @@ def text_prompt(tokenizer, n_tokens: int, seed: int) -> str:
     return tokenizer.decode(ids)
 
 
-def noise_image_url(side: int, seed: int) -> str:
+def noise_image(side: int, seed: int):
+    """A unique RGB noise image (PIL)."""
     from PIL import Image
 
     rng = random.Random(seed)
-    img = Image.frombytes("RGB", (side, side), rng.randbytes(side * side * 3))
+    return Image.frombytes("RGB", (side, side), rng.randbytes(side * side * 3))
+
+
+def noise_image_url(side: int, seed: int) -> str:
     buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)
+    noise_image(side, seed).save(buf, format="PNG", compress_level=1)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -103,6 +107,11 @@ async def run_load(url: str, bodies: list[dict], concurrency: int, time_limit_s:
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(b) for b in bodies))
         wall = time.perf_counter() - t0
+    return summarize(results, wall)
+
+
+def summarize(results: list[Result], wall: float) -> dict:
+    """Aggregate metrics of one load run (every request's Result, the run's wall time)."""
     ok = [r for r in results if r.ok]
     itl = [x for r in ok for x in r.itl]
     tpot = [(r.e2e - r.ttft) / max(1, r.tokens - 1) for r in ok if r.tokens > 1]
@@ -127,3 +136,21 @@ def chat_body(model: str, text: str, image_url: Optional[str], max_tokens: int, 
                                               {"type": "text", "text": text}]
     return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
             "temperature": 0, **(extra or {})}
+
+
+def results_tables(results: dict, ours: str) -> str:
+    """Markdown: one row per (label, workload, clients) run, then `ours` against every other label."""
+    lines = ["| server | workload | clients | TTFT p50 / p90 / p99 (ms) | TPOT p50 (ms) | ITL p50 / p90 / p99 (ms) | "
+             "output tok/s | errors |", "|---|---|---|---|---|---|---|---|"]
+    for (label, w, c), r in results.items():
+        lines.append(f"| {label} | {w} | {c} | {r['ttft_p50']*1000:.0f} / {r['ttft_p90']*1000:.0f} / {r['ttft_p99']*1000:.0f} | "
+                     f"{r['tpot_p50']*1000:.1f} | {r['itl_p50']*1000:.1f} / {r['itl_p90']*1000:.1f} / {r['itl_p99']*1000:.1f} | "
+                     f"{r['out_tok_s']:.1f} | {sum(r['errors'].values())} |")
+    lines += ["", "| workload | clients | peer | TTFT ratio (peer / ours, >1 = we are faster) | output tok/s ratio (ours / peer) |",
+              "|---|---|---|---|---|"]
+    for (label, w, c), r in results.items():
+        mine = results.get((ours, w, c))
+        if label != ours and mine and mine["ok"] and r["ok"]:
+            lines.append(f"| {w} | {c} | vs {label} | {r['ttft_p50']/mine['ttft_p50']:.2f}x | "
+                         f"{mine['out_tok_s']/r['out_tok_s']:.2f}x |")
+    return "\n".join(lines) + "\n"

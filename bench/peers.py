@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import chat_body, noise_image_url, run_load, text_prompt  # noqa: E402
+from loadgen import chat_body, noise_image_url, results_tables, run_load, text_prompt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -146,26 +146,8 @@ def main(argv=None) -> int:
 def report(results: dict, args, dtype: str) -> None:
     out = Path(args.out)
     labels = sorted({k[0] for k in results}, key=["popserve POP", "popserve POP off", "transformers serve"].index)
-    head = ("| server | workload | clients | TTFT p50 / p90 / p99 (ms) | TPOT p50 (ms) | ITL p50 / p90 / p99 (ms) | "
-            "output tok/s | errors |\n|---|---|---|---|---|---|---|---|\n")
-    lines = []
-    for (label, w, c), r in results.items():
-        lines.append(f"| {label} | {w} | {c} | {r['ttft_p50']*1000:.0f} / {r['ttft_p90']*1000:.0f} / {r['ttft_p99']*1000:.0f} | "
-                     f"{r['tpot_p50']*1000:.1f} | {r['itl_p50']*1000:.1f} / {r['itl_p90']*1000:.1f} / {r['itl_p99']*1000:.1f} | "
-                     f"{r['out_tok_s']:.1f} | {sum(r['errors'].values())} |")
-    ratios = []
-    ours = "popserve POP"
-    for (label, w, c), r in results.items():
-        if label == ours:
-            continue
-        mine = results.get((ours, w, c))
-        if mine and mine["ok"] and r["ok"]:
-            ratios.append(f"| {w} | {c} | vs {label} | {r['ttft_p50']/mine['ttft_p50']:.2f}x | "
-                          f"{mine['out_tok_s']/r['out_tok_s']:.2f}x |")
-    rtable = ("| workload | clients | peer | TTFT ratio (peer / ours, >1 = we are faster) | output tok/s ratio (ours / peer) |\n"
-              "|---|---|---|---|---|\n" + "\n".join(ratios))
     text = (f"{args.family} bench checkpoint (24 layers x 512), compute dtype {dtype}, {args.max_tokens} output tokens, "
-            f"streaming, unique prompts/images, {os.cpu_count()} cores\n\n" + head + "\n".join(lines) + "\n\n" + rtable + "\n")
+            f"streaming, unique prompts/images, {os.cpu_count()} cores\n\n" + results_tables(results, "popserve POP"))
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps({"|".join(map(str, k)): v for k, v in results.items()}, indent=1))
     print("\n" + text)

@@ -111,16 +111,29 @@ def train_tokenizer(family: str, vocab_size: int, seed: int = 0, corpus=None):
     )
 
 
-# Text shapes. 'bench' is fixed by the performance targets (see README); 'tiny' runs in seconds.
+# Text shapes. 'bench' is fixed by the performance targets (see README); 'tiny' runs in seconds;
+# '8b' is Qwen3-VL-8B's (8.8B parameters, 17.5 GB in bf16: for a GPU, bench/engine.py).
 _TEXT = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16),
     "bench": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=24, num_attention_heads=8,
                   num_key_value_heads=4, head_dim=64),
+    "8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128),
 }
-_VOCAB = {"tiny": 1024, "bench": 6144}
+_VISION = {
+    "tiny": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, deepstack_visual_indexes=[0, 1],
+                 num_position_embeddings=576),
+    "bench": dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, deepstack_visual_indexes=[1, 2, 3],
+                  num_position_embeddings=576),
+    "8b": dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, deepstack_visual_indexes=[8, 16, 24],
+               num_position_embeddings=2304),
+}
+_VOCAB = {"tiny": 1024, "bench": 6144, "8b": 6144}
+# The real 8B's embedding and LM head rows (151936) are part of its cost; the tokenizer needs fewer.
+_PADDED_VOCAB = {"8b": 151936}
 # Wider random weights make tiny outputs depend on the context, so token-exact tests mean something.
-_INIT = {"tiny": 0.08, "bench": 0.02}
+_INIT = {"tiny": 0.08, "bench": 0.02, "8b": 0.02}
 
 
 def _qwen_config(size: str, tok):
@@ -128,20 +141,19 @@ def _qwen_config(size: str, tok):
 
     text = dict(_TEXT[size])
     half = text["head_dim"] // 2
-    mrope = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]  # [24,20,20] at head_dim 128
-    vision = (dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, deepstack_visual_indexes=[0, 1])
-              if size == "tiny" else
-              dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, deepstack_visual_indexes=[1, 2, 3]))
+    # [16,24,24] at head_dim 128; the 8B shape takes the real checkpoint's [24,20,20].
+    mrope = [24, 20, 20] if size == "8b" else [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
     ids = tok.convert_tokens_to_ids
     return Qwen3VLConfig(
         text_config=dict(
-            **text, vocab_size=len(tok), max_position_embeddings=8192, rms_norm_eps=1e-6,
+            **text, vocab_size=max(len(tok), _PADDED_VOCAB.get(size, 0)), max_position_embeddings=8192,
+            rms_norm_eps=1e-6,
             rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": mrope,
                              "mrope_interleaved": True},
             tie_word_embeddings=False, initializer_range=_INIT[size],
         ),
-        vision_config=dict(**vision, patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-                           out_hidden_size=text["hidden_size"], num_position_embeddings=576),
+        vision_config=dict(**_VISION[size], patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                           in_channels=3, out_hidden_size=text["hidden_size"]),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=False,
@@ -207,22 +219,28 @@ def _readable_lm_head(model, tok) -> None:
     rows = [i for t, i in vocab.items() if i in special or len(t) == 1]
     with torch.no_grad():
         model.lm_head.weight[rows] = 0
+        model.lm_head.weight[len(tok):] = 0  # padding rows past the tokenizer (8b)
 
 
-def make_tiny(family: str, size: str, out_dir: str | Path, seed: int = 0) -> Path:
+def make_tiny(family: str, size: str, out_dir: str | Path, seed: int = 0, device: str = "cpu") -> Path:
+    """Build and save a random checkpoint; `device` is where the weights are drawn (the 8B shape
+    is drawn in bf16 on a GPU: in float32 on a CPU it would take 35 GB and minutes)."""
     from transformers import Gemma3ForConditionalGeneration, Qwen3VLForConditionalGeneration
 
     if family not in ("qwen3-vl", "gemma3"):
         raise ValueError(f"unknown family {family!r}; choose qwen3-vl or gemma3")
     if size not in _TEXT:
-        raise ValueError(f"unknown size {size!r}; choose tiny or bench")
+        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(_TEXT)}")
+    if size == "8b" and family != "qwen3-vl":
+        raise ValueError("the 8b shape is Qwen3-VL-8B's; use qwen3-vl")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(family, _VOCAB[size], seed)
     config = _qwen_config(size, tok) if family == "qwen3-vl" else _gemma_config(size, tok)
     cls = Qwen3VLForConditionalGeneration if family == "qwen3-vl" else Gemma3ForConditionalGeneration
     torch.manual_seed(seed)
-    model = cls(config).eval()
+    with torch.device(device):
+        model = (cls._from_config(config, dtype=torch.bfloat16) if size == "8b" else cls(config)).eval()
     if family == "gemma3":  # HF initialises the projector to zeros; random keeps images visible
         with torch.no_grad():
             model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.05)

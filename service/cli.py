@@ -8,7 +8,7 @@ import sys
 def _cmd_make_tiny(args) -> int:
     from popserve.models.tiny import make_tiny
 
-    out = make_tiny(args.family, args.size, args.out_dir, seed=args.seed)
+    out = make_tiny(args.family, args.size, args.out_dir, seed=args.seed, device=args.device)
     print(f"wrote {args.size} {args.family} checkpoint to {out}")
     return 0
 
@@ -60,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("make-tiny", help="write a random-weight checkpoint that loads offline")
     t.add_argument("--family", required=True, choices=["qwen3-vl", "gemma3"])
-    t.add_argument("--size", default="tiny", choices=["tiny", "bench"])
+    t.add_argument("--size", default="tiny", choices=["tiny", "bench", "8b"],
+                   help="8b: Qwen3-VL-8B's shape, drawn in bf16 (use --device cuda)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu", help="where the random weights are drawn")
     t.add_argument("out_dir")
     t.set_defaults(func=_cmd_make_tiny)
 
