@@ -163,16 +163,26 @@ def handoff_host_round_trip(engine: Engine, tokens: int, repeats: int = 5) -> di
     return {"tokens": tokens, "bytes": kv.numel() * kv.element_size(), "seconds": s}
 
 
-async def bench(args) -> dict:
+def checkpoint(args) -> tuple[Path, float]:
+    """--model, or a random Qwen3-VL of --shape under --cache, built on --device if missing
+    (returns the seconds the build took, 0 if none)."""
     from popserve.models.tiny import make_tiny
 
     model = Path(args.model) if args.model else Path(args.cache) / f"{args.shape}-qwen3-vl"
-    build_s = 0.0
-    if not (model / "config.json").exists():
-        t = time.perf_counter()
-        make_tiny("qwen3-vl", args.shape, model, device=args.device)
-        build_s = time.perf_counter() - t
-        print(f"built {model} in {build_s:.0f} s", flush=True)
+    if (model / "config.json").exists():
+        return model, 0.0
+    t = time.perf_counter()
+    make_tiny("qwen3-vl", args.shape, model, device=args.device)
+    print(f"built {model} in {time.perf_counter() - t:.0f} s", flush=True)
+    return model, time.perf_counter() - t
+
+
+def what_model(args) -> str:
+    return args.model or f"Qwen3-VL {args.shape} shape with random weights"
+
+
+async def bench(args) -> dict:
+    model, build_s = checkpoint(args)
     longest = max([int(w[4:]) for w in args.workloads.split(",") if w.startswith("text")] + [512])
     engine = Engine(model, args.ratio, args.dtype, args.device, longest + args.max_tokens + 256, args.prefill_tokens)
     print("loaded: " + ", ".join(f"{k} {v:.0f} s" for k, v in engine.load_s.items()), flush=True)
@@ -225,7 +235,7 @@ def main(argv=None) -> int:
     trip = r["handoff_host_round_trip"]
     pop_ttft = r["results"].get(("engine POP", f"text{trip['tokens']}", 1), {}).get("ttft_p50")
     text = (f"popserve engine in one process (no Ray, no HTTP) on {where}; torch {torch.__version__}, transformers "
-            f"{transformers.__version__}; Qwen3-VL {args.shape} shape with random weights ({r['params']/1e9:.2f}B text "
+            f"{transformers.__version__}; {what_model(args)} ({r['params']/1e9:.2f}B text "
             f"parameters, {r['layers']} layers, POP skips {r['skipped']}), compute dtype {r['compute_dtype']}; "
             f"{args.max_tokens} output tokens, unique prompts/images, prompt building timed.\n\n"
             + results_tables(r["results"], "engine POP")

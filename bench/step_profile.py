@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine import checkpoint, what_model  # noqa: E402
 from loadgen import text_prompt  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,10 +62,10 @@ def main(argv=None) -> int:
     from popserve.models.prefill import PrefillRequest, PrunedPrefill
     from popserve.models.prompt import PromptBuilder
     from popserve.models.sampling import SamplingParams
-    from popserve.models.tiny import make_tiny
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="bench", choices=["bench", "8b"])
+    ap.add_argument("--shape", default="bench", choices=["bench", "8b"], help="random Qwen3-VL built if missing")
+    ap.add_argument("--model", help="a checkpoint directory instead of --shape")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--ratio", type=float, default=1 / 3)
@@ -74,9 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "popserve-bench"))
     ap.add_argument("--out", default=None, help="default bench/results/step-profile-<shape>-<device>.md")
     args = ap.parse_args(argv)
-    model = Path(args.cache) / f"{args.shape}-qwen3-vl"
-    if not (model / "config.json").exists():
-        make_tiny("qwen3-vl", args.shape, model, device=args.device)
+    model, _ = checkpoint(args)
     lengths = [int(x) for x in args.lengths.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
     runners = {"POP": PrunedPrefill(model, args.ratio, args.dtype, args.device),
@@ -133,7 +132,7 @@ def main(argv=None) -> int:
         float("nan"), 0)
 
     where = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    text = (f"One step at a time on {where}, torch {torch.__version__}, Qwen3-VL {args.shape} shape (random weights, "
+    text = (f"One step at a time on {where}, torch {torch.__version__}, {what_model(args)} ("
             f"{decoder.family.num_layers} layers, POP skips {runners['POP'].k}), {str(decoder.dtype).split('.')[-1]}; "
             f"median of {args.repeats} (wall), mean of 3 profiled calls (kernels).\n\n" + "\n".join(rows) + "\n")
     out = Path(args.out or f"bench/results/step-profile-{args.shape}-{dev.type}.md")

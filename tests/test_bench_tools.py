@@ -1,0 +1,69 @@
+"""The GPU-node tools in bench/ (engine.py, step_profile.py) and the 8B shape they build, on what
+runs here: the tiny checkpoint on the CPU, and the 8B configuration on the meta device."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+
+def test_8b_shape_is_qwen3_vl_8b():
+    """make-tiny --size 8b has the real Qwen3-VL-8B's architecture (8.77B parameters)."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from popserve.models import tiny
+
+    config = tiny._qwen_config("8b", tiny.train_tokenizer("qwen3-vl", 1024))
+    text, vision = config.text_config, config.vision_config
+    assert (text.num_hidden_layers, text.hidden_size, text.intermediate_size) == (36, 4096, 12288)
+    assert (text.num_attention_heads, text.num_key_value_heads, text.head_dim) == (32, 8, 128)
+    assert text.vocab_size == 151936 and text.rope_parameters["mrope_section"] == [24, 20, 20]
+    assert (vision.depth, vision.hidden_size, vision.deepstack_visual_indexes) == (27, 1152, [8, 16, 24])
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(8.767e9, rel=1e-3)
+
+
+def test_8b_shape_is_qwen_only(tmp_path):
+    from popserve.models.tiny import make_tiny
+
+    with pytest.raises(ValueError, match="qwen3-vl"):
+        make_tiny("gemma3", "8b", tmp_path)
+
+
+def test_engine_bench_runs_every_request_to_length(qwen_dir, tmp_path):
+    """bench/engine.py: POP on and off, text and image, every request answered with max-tokens."""
+    import engine
+
+    out = tmp_path / "engine"
+    engine.main(["--model", str(qwen_dir), "--device", "cpu", "--workloads", "text48,image64",
+                 "--concurrency", "1,3", "--requests", "2", "--max-tokens", "3", "--out", str(out)])
+    report = json.loads(out.with_suffix(".json").read_text())
+    runs = report["results"]
+    assert set(runs) == {f"engine {m}|{w}|{c}" for m in ("POP", "POP off") for w in ("text48", "image64")
+                         for c in (1, 3)}
+    for key, r in runs.items():
+        n = 3 if key.endswith("|3") else 2
+        assert (r["requests"], r["ok"], r["errors"]) == (n, n, {}), key
+        assert round(r["out_tok_s"] * r["wall_s"]) == 3 * n, key  # max-tokens each, no early stop
+        assert 0 < r["ttft_p50"] <= r["e2e_p50"]
+    assert report["skipped"] > 0 and "| engine POP off | image64 | 3 |" in out.with_suffix(".md").read_text()
+
+
+def test_step_profile_times_each_step(qwen_dir, tmp_path):
+    import step_profile
+
+    out = tmp_path / "profile.md"
+    step_profile.main(["--model", str(qwen_dir), "--device", "cpu", "--lengths", "40", "--batches", "1,2",
+                       "--repeats", "1", "--out", str(out)])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "wall" not in line]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| prompt building (chat template + tokenizer), 40 tokens", "| prefill POP, 40 tokens",
+        "| prefill POP off, 40 tokens", "| decode step, batch 1, context 40", "| decode step, batch 2, context 40",
+        "| decode step, batch 2, context 40, next to a running 40-token prefill"]
+    assert all(float(r.split(" | ")[1]) > 0 for r in rows)
