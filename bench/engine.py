@@ -202,7 +202,8 @@ async def bench(args) -> dict:
                 print(f"engine {mode:8s} {w:9s} c={c:2d} ok={res['ok']}/{res['requests']} TTFT p50="
                       f"{res['ttft_p50']*1000:7.1f} ms TPOT p50={res['tpot_p50']*1000:6.1f} ms "
                       f"{res['out_tok_s']:7.1f} tok/s errors={res['errors']}", flush=True)
-    trip = handoff_host_round_trip(engine, longest)
+    # On a CPU the handoff already lives in host memory: nothing to time.
+    trip = handoff_host_round_trip(engine, longest) if engine.decoder.device.type != "cpu" else None
     dec = engine.decoder
     return {"model": str(model), "build_s": build_s, "load_s": engine.load_s, "results": results,
             "handoff_host_round_trip": trip, "compute_dtype": str(dec.dtype).split(".")[-1],
@@ -231,18 +232,21 @@ def main(argv=None) -> int:
     out = Path(args.out or f"bench/results/engine-{args.shape}-{args.device}")
 
     r = asyncio.run(bench(args))
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores"
-    trip = r["handoff_host_round_trip"]
-    pop_ttft = r["results"].get(("engine POP", f"text{trip['tokens']}", 1), {}).get("ttft_p50")
+    where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+             else f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores")
+    trip, handoff = r["handoff_host_round_trip"], ""
+    if trip:
+        pop_ttft = r["results"].get(("engine POP", f"text{trip['tokens']}", 1), {}).get("ttft_p50")
+        handoff = (f"\nKV handoff of a {trip['tokens']}-token prompt ({trip['bytes']/2**20:.0f} MiB) through host "
+                   f"memory and back: {trip['seconds']*1000:.1f} ms"
+                   + (f" ({trip['seconds']/pop_ttft:.0%} of that prompt's POP TTFT at 1 client)" if pop_ttft else "")
+                   + ".")
     text = (f"popserve engine in one process (no Ray, no HTTP) on {where}; torch {torch.__version__}, transformers "
             f"{transformers.__version__}; {what_model(args)} ({r['params']/1e9:.2f}B text "
             f"parameters, {r['layers']} layers, POP skips {r['skipped']}), compute dtype {r['compute_dtype']}; "
             f"{args.max_tokens} output tokens, unique prompts/images, prompt building timed.\n\n"
             + results_tables(r["results"], "engine POP")
-            + f"\nKV handoff of a {trip['tokens']}-token prompt ({trip['bytes']/2**20:.0f} MiB) through host memory "
-              f"and back: {trip['seconds']*1000:.1f} ms"
-            + (f" ({trip['seconds']/pop_ttft:.0%} of that prompt's POP TTFT at 1 client)" if pop_ttft else "") + ".\n"
-            + "Load: " + ", ".join(f"{k} {v:.0f} s" for k, v in r["load_s"].items())
+            + handoff + "\nLoad: " + ", ".join(f"{k} {v:.0f} s" for k, v in r["load_s"].items())
             + (f"; random checkpoint built in {r['build_s']:.0f} s" if r["build_s"] else "")
             + (f"; peak GPU memory {r['peak_gpu_bytes']/2**30:.1f} GiB" if r["peak_gpu_bytes"] else "") + ".\n")
     out.parent.mkdir(parents=True, exist_ok=True)
