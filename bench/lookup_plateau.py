@@ -10,6 +10,8 @@ it goes. One core, one thread; a diagnostic, not part of the shipped recipe.
     python bench/lookup_plateau.py --pretrain-s 1000 --minutes 9 --mix 1 --const-lr   # circuit first, kept
     python bench/lookup_plateau.py --pretrain-s 2400 --format facts --minutes 7       # facts' wording
     python bench/lookup_plateau.py --pretrain-s 1200 --minutes 0       # recall alone: transition ~step 1900
+    python bench/lookup_plateau.py --offsets 1 --pretrain-s 300 --minutes 0   # a planted previous-token head: ~step 200
+    python bench/lookup_plateau.py --offsets 1,2,3,4 --minutes 7       # planted heads, lookups: still ~0.50
 """
 from __future__ import annotations
 
@@ -77,6 +79,34 @@ class RecallStreams:
         return torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100), acc
 
 
+def plant_positional_heads(model, offsets: list[int], pairs: int = 4, sharpness: float = 3.0) -> None:
+    """Layer 0's query head h attends to the token offsets[h] positions back from step 0: queries
+    and keys come from one constant embedding dimension only, and each query is rotated back by
+    its offset's RoPE angle on the `pairs` fastest frequencies, so q.k peaks at that distance. This
+    is the first half of an associative-recall circuit (a value picks up its key); the other half
+    (match the asked key against it and copy the value) is left to training."""
+    lm = model.model.language_model
+    attn = lm.layers[0].self_attn
+    d, const = attn.head_dim, lm.config.hidden_size - 1
+    half, theta = d // 2, lm.rotary_emb.inv_freq[:pairs]
+    group = lm.config.num_attention_heads // lm.config.num_key_value_heads
+    used = list(range(pairs)) + list(range(half, half + pairs))
+    with torch.no_grad():
+        lm.embed_tokens.weight[:, const] = 0.2
+        for h, offset in enumerate(offsets):
+            q, k = torch.zeros(d), torch.zeros(d)
+            q[:pairs], q[half:half + pairs] = torch.cos(offset * theta), -torch.sin(offset * theta)
+            k[:pairs] = 1.0
+            rows = slice(h * d, (h + 1) * d)
+            attn.q_proj.weight[rows] = 0
+            attn.q_proj.weight[rows, const] = q
+            kv = slice(h // group * d, (h // group + 1) * d)
+            attn.k_proj.weight[kv] = 0
+            attn.k_proj.weight[kv, const] = k
+        attn.q_norm.weight[used] = sharpness
+        attn.k_norm.weight[used] = sharpness
+
+
 def recent(accs: list[float], n: int = 50) -> float:
     return sum(accs[-n:]) / len(accs[-n:])
 
@@ -90,6 +120,8 @@ def main() -> None:
     ap.add_argument("--mix", type=float, default=0.0, help="weight of a recall batch in every lookup step")
     ap.add_argument("--lr", type=float, default=5e-4, help="the lookups' learning rate (recall alone: 1e-3)")
     ap.add_argument("--const-lr", action="store_true", help="no cosine decay after warm-up")
+    ap.add_argument("--offsets", default="", help="plant layer-0 heads that look this many tokens back "
+                    "(comma-separated, one per query head; 1 = a previous-token head)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/popserve-lookup-plateau")
     args = ap.parse_args()
@@ -102,6 +134,8 @@ def main() -> None:
 
     def build_then_pretrain(family, layers, seed):
         model, processor = build(family, layers, seed)
+        if args.offsets:
+            plant_positional_heads(model, [int(o) for o in args.offsets.split(",")])
         streams = recall["streams"] = RecallStreams(processor.tokenizer, args.format, seed, args.keys)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0)
         c0, step, accs = time.process_time(), 0, []
