@@ -31,18 +31,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def wall_times(fn, repeats: int) -> list[float]:
+    walls = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - t)
+    return walls
+
+
 def timed(fn, device, repeats: int) -> tuple[float, float, int]:
     """(median wall s, kernel s per call, kernel launches per call) of fn()."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()  # warm-up
-    walls = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        walls.append(time.perf_counter() - t)
+    sync(device)
+    walls = wall_times(lambda: (fn(), sync(device)), repeats)
     if device.type != "cuda":
         return statistics.median(walls), float("nan"), 0
     try:
@@ -95,7 +99,7 @@ def main(argv=None) -> int:
     for n in lengths:
         text = text_prompt(builder.tokenizer, n, seed=n)
         messages = [{"role": "user", "content": text}]
-        wall = statistics.median(timed_cpu(lambda: builder.build(messages), args.repeats))
+        wall = statistics.median(wall_times(lambda: builder.build(messages), args.repeats))
         row(f"prompt building (chat template + tokenizer), {n} tokens", wall, float("nan"), 0)
         req = PrefillRequest(builder.build(messages).input_ids)
         for label, runner in runners.items():
@@ -125,7 +129,7 @@ def main(argv=None) -> int:
     worker = threading.Thread(target=prefill_loop)
     worker.start()
     time.sleep(0.5)
-    walls = timed_cpu(lambda: (decoder.step(), sync(dev)), args.repeats * 2)
+    walls = wall_times(lambda: (decoder.step(), sync(dev)), args.repeats * 2)
     stop.set()
     worker.join()
     row(f"decode step, batch {b}, context {n}, next to a running {n}-token prefill", statistics.median(walls),
@@ -140,15 +144,6 @@ def main(argv=None) -> int:
     out.write_text(text)
     print("\n" + text)
     return 0
-
-
-def timed_cpu(fn, repeats: int) -> list[float]:
-    walls = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        walls.append(time.perf_counter() - t)
-    return walls
 
 
 if __name__ == "__main__":
