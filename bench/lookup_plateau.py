@@ -12,6 +12,7 @@ it goes. One core, one thread; a diagnostic, not part of the shipped recipe.
     python bench/lookup_plateau.py --pretrain-s 1200 --minutes 0       # recall alone: transition ~step 1900
     python bench/lookup_plateau.py --offsets 1 --pretrain-s 300 --minutes 0   # a planted previous-token head: ~step 200
     python bench/lookup_plateau.py --offsets 1,2,3,4 --minutes 7       # planted heads, lookups: still ~0.50
+    python bench/lookup_plateau.py --adjacent --offsets 1 --minutes 7  # values right after keys: still ~0.50
 """
 from __future__ import annotations
 
@@ -107,6 +108,23 @@ def plant_positional_heads(model, offsets: list[int], pairs: int = 4, sharpness:
         attn.k_norm.weight[used] = sharpness
 
 
+def state_facts_adjacent() -> None:
+    """Reword the lookups' facts so that every value directly follows its key ("Points: red 6, blue
+    3 and green 8." / "Owners: circle Sam and square Ann."); the questions stay. A diagnostic of the
+    key-value distance only: the held-out set keeps the original wording."""
+    points, owners = synthvqa._points_facts, synthvqa._owner_facts
+
+    def points_adjacent(rng, objs):
+        _, values = points(rng, objs)
+        return "Points: " + synthvqa._listing([f"{c} {v}" for c, v in values.items()]) + ".", values
+
+    def owners_adjacent(rng, objs):
+        _, owner, by = owners(rng, objs)
+        return "Owners: " + synthvqa._listing([f"{k} {n.capitalize()}" for k, n in owner.items()]) + ".", owner, by
+
+    synthvqa._points_facts, synthvqa._owner_facts = points_adjacent, owners_adjacent
+
+
 def recent(accs: list[float], n: int = 50) -> float:
     return sum(accs[-n:]) / len(accs[-n:])
 
@@ -122,10 +140,13 @@ def main() -> None:
     ap.add_argument("--const-lr", action="store_true", help="no cosine decay after warm-up")
     ap.add_argument("--offsets", default="", help="plant layer-0 heads that look this many tokens back "
                     "(comma-separated, one per query head; 1 = a previous-token head)")
+    ap.add_argument("--adjacent", action="store_true", help="facts with each value right after its key")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/popserve-lookup-plateau")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.adjacent:
+        state_facts_adjacent()
     warmup_cosine = T.warmup_cosine
     if args.const_lr:  # the shipped warm-up, then no decay
         T.warmup_cosine = lambda lr, step, warmup, frac: warmup_cosine(lr, step, warmup, 0.0)
