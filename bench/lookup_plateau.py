@@ -125,6 +125,63 @@ def state_facts_adjacent() -> None:
     synthvqa._points_facts, synthvqa._owner_facts = points_adjacent, owners_adjacent
 
 
+class SeveralTurns:
+    """Up to `turns` questions about the same facts in one chat (user: facts + question, assistant:
+    answer, user: question, ...), the loss on every answer; exact match is read on the last answer,
+    which is as far from the facts as in the single-question arms or farther."""
+
+    def __init__(self, turns: int):
+        self.turns, self.extra = turns, {}
+        for kind, make in (("points_named", self.points), ("owner_named", self.owners)):
+            synthvqa.AUX_KINDS[kind] = make
+
+    def points(self, rng, objs):
+        fact, values = synthvqa._points_facts(rng, objs)
+        qa = [(rng.choice(synthvqa.POINTS_QUESTIONS).format(f"the {o.color} {rng.choice(['object', 'shape', o.shape])}"),
+               f"{values[o.color]} points") for o in rng.sample(objs, min(self.turns, len(objs)))]
+        return self.chat(fact, qa)
+
+    def owners(self, rng, objs):
+        fact, owner, by = synthvqa._owner_facts(rng, objs)
+        qa = [(rng.choice(synthvqa.OWNER_QUESTIONS).format(
+               f"the {o.shape}" if by == "shape" else f"the {o.color} {rng.choice(['one', 'object', 'shape'])}"),
+               owner[getattr(o, by)]) for o in rng.sample(objs, min(self.turns, len(objs)))]
+        return self.chat(fact, qa)
+
+    def chat(self, fact, qa):
+        question = f"{fact} {qa[0][0]}"
+        self.extra[question] = qa
+        return question, qa[-1][1]
+
+    def encode(self, processor, family, s):
+        """What train.encode_sample gives, for the whole chat: the prompt runs up to the last
+        question, `spans` are where the earlier answers sit in it."""
+        eot = processor.tokenizer.convert_tokens_to_ids(T.END_OF_TURN[family])
+        messages, spans = s.messages(), []
+        for k, (q, a) in enumerate(self.extra.pop(s.question)):
+            if k:
+                messages.append({"role": "user", "content": q})
+            text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            b = processor(text=[text], images=[s.image], return_tensors="pt")
+            spans.append((b["input_ids"].shape[1], processor.tokenizer(a, add_special_tokens=False)["input_ids"] + [eot]))
+            messages.append({"role": "assistant", "content": a})
+        prompt = b["input_ids"][0]
+        for at, answer in spans[:-1]:
+            assert prompt[at: at + len(answer)].tolist() == answer, "an answer tokenises differently in the chat"
+        return {"prompt": prompt, "answer": torch.tensor(spans[-1][1]), "pixel_values": b["pixel_values"],
+                "types": b["mm_token_type_ids"][0], "grid": b["image_grid_thw"], "spans": spans[:-1]}
+
+    def collate(self, collate, items, family, pad_id):
+        """The earlier answers become the batch's prompt_labels: train's loss adds them at
+        prompt_weight (set to 1), and its exact match stays on the last answer."""
+        batch = collate(items, family, pad_id)
+        batch["prompt_labels"].fill_(-100)
+        for i, it in enumerate(items):
+            for at, answer in it["spans"]:
+                batch["prompt_labels"][i, at: at + len(answer)] = torch.tensor(answer)
+        return batch
+
+
 def recent(accs: list[float], n: int = 50) -> float:
     return sum(accs[-n:]) / len(accs[-n:])
 
@@ -141,12 +198,19 @@ def main() -> None:
     ap.add_argument("--offsets", default="", help="plant layer-0 heads that look this many tokens back "
                     "(comma-separated, one per query head; 1 = a previous-token head)")
     ap.add_argument("--adjacent", action="store_true", help="facts with each value right after its key")
+    ap.add_argument("--turns", type=int, default=1, help="up to this many questions about the same facts per chat")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/popserve-lookup-plateau")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.adjacent:
         state_facts_adjacent()
+    prompt_weight = T.PROMPT_LOSS_WEIGHT
+    if args.turns > 1:
+        turns, collate = SeveralTurns(args.turns), T.collate
+        T.encode_sample = turns.encode
+        T.collate = lambda items, family, pad_id: turns.collate(collate, items, family, pad_id)
+        prompt_weight = 1.0
     warmup_cosine = T.warmup_cosine
     if args.const_lr:  # the shipped warm-up, then no decay
         T.warmup_cosine = lambda lr, step, warmup, frac: warmup_cosine(lr, step, warmup, 0.0)
@@ -194,7 +258,7 @@ def main() -> None:
         return
     info = T.train("qwen3-vl", args.out, steps=100_000, lr=args.lr, seed=args.seed, max_minutes=args.minutes,
                    vision_steps=0, region_weight=0.0, curriculum=((1.0, LOOKUPS),), probe_every=0,
-                   hard_kinds=False)
+                   hard_kinds=False, prompt_weight=prompt_weight)
     print("lookups, teacher-forced exact match (moving average) by step:",
           ", ".join(f"{r['step']}: {r['tf_acc']:.2f}" for r in info["history"][::4]))
 
