@@ -13,6 +13,7 @@ it goes. One core, one thread; a diagnostic, not part of the shipped recipe.
     python bench/lookup_plateau.py --offsets 1 --pretrain-s 300 --minutes 0   # a planted previous-token head: ~step 200
     python bench/lookup_plateau.py --offsets 1,2,3,4 --minutes 7       # planted heads, lookups: still ~0.50
     python bench/lookup_plateau.py --adjacent --offsets 1 --minutes 7  # values right after keys: still ~0.50
+    python bench/lookup_plateau.py --turns 3 --minutes 7               # several questions: later ones by elimination
 """
 from __future__ import annotations
 
@@ -137,8 +138,9 @@ class SeveralTurns:
 
     def points(self, rng, objs):
         fact, values = synthvqa._points_facts(rng, objs)
+        asked = rng.sample(objs, min(self.turns, len(objs)))
         qa = [(rng.choice(synthvqa.POINTS_QUESTIONS).format(f"the {o.color} {rng.choice(['object', 'shape', o.shape])}"),
-               f"{values[o.color]} points") for o in rng.sample(objs, min(self.turns, len(objs)))]
+               f"{values[o.color]} points") for o in asked]
         return self.chat(fact, qa)
 
     def owners(self, rng, objs):
@@ -149,6 +151,8 @@ class SeveralTurns:
         return self.chat(fact, qa)
 
     def chat(self, fact, qa):
+        if len(qa) < 2:  # one object: no chat; synthvqa.sample draws another scene
+            return None
         question = f"{fact} {qa[0][0]}"
         self.extra[question] = qa
         return question, qa[-1][1]
@@ -163,7 +167,8 @@ class SeveralTurns:
                 messages.append({"role": "user", "content": q})
             text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             b = processor(text=[text], images=[s.image], return_tensors="pt")
-            spans.append((b["input_ids"].shape[1], processor.tokenizer(a, add_special_tokens=False)["input_ids"] + [eot]))
+            answer = processor.tokenizer(a, add_special_tokens=False)["input_ids"] + [eot]
+            spans.append((b["input_ids"].shape[1], answer))
             messages.append({"role": "assistant", "content": a})
         prompt = b["input_ids"][0]
         for at, answer in spans[:-1]:
