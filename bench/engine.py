@@ -163,6 +163,17 @@ def handoff_host_round_trip(engine: Engine, tokens: int, repeats: int = 5) -> di
     return {"tokens": tokens, "bytes": kv.numel() * kv.element_size(), "seconds": s}
 
 
+def model_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options that pick the checkpoint, device and POP ratio (read by `checkpoint`)."""
+    ap.add_argument("--shape", default="bench", choices=["bench", "8b"], help="random Qwen3-VL built if missing")
+    ap.add_argument("--model", help="a checkpoint directory instead of --shape")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--ratio", type=float, default=1 / 3)
+    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "popserve-bench"))
+    return ap
+
+
 def checkpoint(args) -> tuple[Path, float]:
     """--model, or a random Qwen3-VL of --shape under --cache, built on --device if missing
     (returns the seconds the build took, 0 if none)."""
@@ -215,18 +226,12 @@ async def bench(args) -> dict:
 def main(argv=None) -> int:
     import transformers
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="bench", choices=["bench", "8b"], help="random Qwen3-VL built if missing")
-    ap.add_argument("--model", help="a checkpoint directory instead of --shape")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--ratio", type=float, default=1 / 3)
+    ap = model_arguments(argparse.ArgumentParser())
     ap.add_argument("--workloads", default="text512,text2048,image448")
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--requests", type=int, default=8, help="per run (at least the run's clients)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--prefill-tokens", type=int, default=4096, help="prefill batch budget (the server's default)")
-    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "popserve-bench"))
     ap.add_argument("--out", default=None, help="default bench/results/engine-<shape>-<device>")
     args = ap.parse_args(argv)
     out = Path(args.out or f"bench/results/engine-{args.shape}-{args.device}")

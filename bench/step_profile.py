@@ -12,7 +12,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import checkpoint, what_model  # noqa: E402
+from engine import checkpoint, model_arguments, what_model  # noqa: E402
 from loadgen import text_prompt  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,16 +66,10 @@ def main(argv=None) -> int:
     from popserve.models.prompt import PromptBuilder
     from popserve.models.sampling import SamplingParams
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="bench", choices=["bench", "8b"], help="random Qwen3-VL built if missing")
-    ap.add_argument("--model", help="a checkpoint directory instead of --shape")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--ratio", type=float, default=1 / 3)
+    ap = model_arguments(argparse.ArgumentParser())
     ap.add_argument("--lengths", default="512,2048")
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "popserve-bench"))
     ap.add_argument("--out", default=None, help="default bench/results/step-profile-<shape>-<device>.md")
     args = ap.parse_args(argv)
     model, _ = checkpoint(args)
