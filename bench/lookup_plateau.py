@@ -1,19 +1,20 @@
-"""The text-lookup plateau of the trained models (docs/trained-models.md, "the text lookup on its own").
+"""The text lookups of the trained models, alone (docs/trained-models.md, "the text lookup on its own"
+and after).
 
-Trains the Qwen3-VL language model of the shipped shape (no vision stage) on the two named lookups
-alone ("The red one is worth 6, ... How many points is the red one worth?"), optionally after and/or
-alongside dense associative-recall streams (the same keys repeated in one stream, loss on every
-repeated key's value), and prints the recall accuracy and the lookups' teacher-forced exact match as
-it goes. One core, one thread; a diagnostic, not part of the shipped recipe.
+Trains the language model of the shipped shape (Qwen3-VL, or --family gemma3; no vision stage) on the two named lookups
+alone ("Points:\nred 6\nblue 3\nHow many points is the red one worth?" -> "red 6 points"),
+optionally after and/or alongside dense associative-recall streams (the same keys repeated in one
+stream, loss on every repeated key's value), and prints the recall accuracy and the lookups'
+teacher-forced exact match as it goes. One core, one thread; a diagnostic, not the shipped recipe.
 
-    python bench/lookup_plateau.py --minutes 7                          # lookups alone: ~0.50 plateau
-    python bench/lookup_plateau.py --pretrain-s 1000 --minutes 9 --mix 1 --const-lr   # circuit first, kept
-    python bench/lookup_plateau.py --pretrain-s 2400 --format facts --minutes 7       # facts' wording
-    python bench/lookup_plateau.py --pretrain-s 1200 --minutes 0       # recall alone: transition ~step 1900
-    python bench/lookup_plateau.py --offsets 1 --pretrain-s 300 --minutes 0   # a planted previous-token head: ~step 200
-    python bench/lookup_plateau.py --offsets 1,2,3,4 --minutes 7       # planted heads, lookups: still ~0.50
-    python bench/lookup_plateau.py --adjacent --offsets 1 --minutes 7  # values right after keys: still ~0.50
-    python bench/lookup_plateau.py --turns 3 --minutes 7               # several questions: later ones by elimination
+    python bench/lookup_plateau.py --minutes 6              # the recipe's planted head: ~0.95 by step 300
+    python bench/lookup_plateau.py --offsets 0 --minutes 6  # no planted head: ~0.50 (chance) at step 600
+    python bench/lookup_plateau.py --offsets 0 --pretrain-s 1200 --minutes 0  # bare recall: forms ~step 1900
+    python bench/lookup_plateau.py --pretrain-s 300 --minutes 0               # with the head: ~step 200
+    python bench/lookup_plateau.py --turns 3 --minutes 7    # several questions per chat
+
+The arms in the docs before "Answers that name the key" ran on the earlier format (facts in prose,
+the value alone as the answer; this script at commit 411f4aa, which also had --adjacent).
 """
 from __future__ import annotations
 
@@ -81,51 +82,6 @@ class RecallStreams:
         return torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100), acc
 
 
-def plant_positional_heads(model, offsets: list[int], pairs: int = 4, sharpness: float = 3.0) -> None:
-    """Layer 0's query head h attends to the token offsets[h] positions back from step 0: queries
-    and keys come from one constant embedding dimension only, and each query is rotated back by
-    its offset's RoPE angle on the `pairs` fastest frequencies, so q.k peaks at that distance. This
-    is the first half of an associative-recall circuit (a value picks up its key); the other half
-    (match the asked key against it and copy the value) is left to training."""
-    lm = model.model.language_model
-    attn = lm.layers[0].self_attn
-    d, const = attn.head_dim, lm.config.hidden_size - 1
-    half, theta = d // 2, lm.rotary_emb.inv_freq[:pairs]
-    group = lm.config.num_attention_heads // lm.config.num_key_value_heads
-    used = list(range(pairs)) + list(range(half, half + pairs))
-    with torch.no_grad():
-        lm.embed_tokens.weight[:, const] = 0.2
-        for h, offset in enumerate(offsets):
-            q, k = torch.zeros(d), torch.zeros(d)
-            q[:pairs], q[half:half + pairs] = torch.cos(offset * theta), -torch.sin(offset * theta)
-            k[:pairs] = 1.0
-            rows = slice(h * d, (h + 1) * d)
-            attn.q_proj.weight[rows] = 0
-            attn.q_proj.weight[rows, const] = q
-            kv = slice(h // group * d, (h // group + 1) * d)
-            attn.k_proj.weight[kv] = 0
-            attn.k_proj.weight[kv, const] = k
-        attn.q_norm.weight[used] = sharpness
-        attn.k_norm.weight[used] = sharpness
-
-
-def state_facts_adjacent() -> None:
-    """Reword the lookups' facts so that every value directly follows its key ("Points: red 6, blue
-    3 and green 8." / "Owners: circle Sam and square Ann."); the questions stay. A diagnostic of the
-    key-value distance only: the held-out set keeps the original wording."""
-    points, owners = synthvqa._points_facts, synthvqa._owner_facts
-
-    def points_adjacent(rng, objs):
-        _, values = points(rng, objs)
-        return "Points: " + synthvqa._listing([f"{c} {v}" for c, v in values.items()]) + ".", values
-
-    def owners_adjacent(rng, objs):
-        _, owner, by = owners(rng, objs)
-        return "Owners: " + synthvqa._listing([f"{k} {n.capitalize()}" for k, n in owner.items()]) + ".", owner, by
-
-    synthvqa._points_facts, synthvqa._owner_facts = points_adjacent, owners_adjacent
-
-
 class SeveralTurns:
     """Up to `turns` questions about the same facts in one chat (user: facts + question, assistant:
     answer, user: question, ...), the loss on every answer; exact match is read on the last answer,
@@ -140,20 +96,20 @@ class SeveralTurns:
         fact, values = synthvqa._points_facts(rng, objs)
         asked = rng.sample(objs, min(self.turns, len(objs)))
         qa = [(rng.choice(synthvqa.POINTS_QUESTIONS).format(f"the {o.color} {rng.choice(['object', 'shape', o.shape])}"),
-               f"{values[o.color]} points") for o in asked]
+               synthvqa._points_answer(o, values)) for o in asked]
         return self.chat(fact, qa)
 
     def owners(self, rng, objs):
         fact, owner, by = synthvqa._owner_facts(rng, objs)
         qa = [(rng.choice(synthvqa.OWNER_QUESTIONS).format(
                f"the {o.shape}" if by == "shape" else f"the {o.color} {rng.choice(['one', 'object', 'shape'])}"),
-               owner[getattr(o, by)]) for o in rng.sample(objs, min(self.turns, len(objs)))]
+               synthvqa._owner_answer(o, owner, by)) for o in rng.sample(objs, min(self.turns, len(objs)))]
         return self.chat(fact, qa)
 
     def chat(self, fact, qa):
         if len(qa) < 2:  # one object: no chat; synthvqa.sample draws another scene
             return None
-        question = f"{fact} {qa[0][0]}"
+        question = f"{fact}\n{qa[0][0]}"
         self.extra[question] = qa
         return question, qa[-1][1]
 
@@ -200,16 +156,15 @@ def main() -> None:
     ap.add_argument("--mix", type=float, default=0.0, help="weight of a recall batch in every lookup step")
     ap.add_argument("--lr", type=float, default=5e-4, help="the lookups' learning rate (recall alone: 1e-3)")
     ap.add_argument("--const-lr", action="store_true", help="no cosine decay after warm-up")
-    ap.add_argument("--offsets", default="", help="plant layer-0 heads that look this many tokens back "
-                    "(comma-separated, one per query head; 1 = a previous-token head)")
-    ap.add_argument("--adjacent", action="store_true", help="facts with each value right after its key")
+    ap.add_argument("--offsets", default="1", help="plant layer-0 heads that look this many tokens back "
+                    "(comma-separated, one per query head; 1 = a previous-token head, the recipe's; 0 = none)")
     ap.add_argument("--turns", type=int, default=1, help="up to this many questions about the same facts per chat")
+    ap.add_argument("--family", choices=("qwen3-vl", "gemma3"), default="qwen3-vl")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/popserve-lookup-plateau")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    if args.adjacent:
-        state_facts_adjacent()
+    T.PLANTED_OFFSETS = tuple(int(o) for o in args.offsets.split(",") if o.strip() not in ("", "0"))
     prompt_weight = T.PROMPT_LOSS_WEIGHT
     if args.turns > 1:
         turns, collate = SeveralTurns(args.turns), T.collate
@@ -224,8 +179,6 @@ def main() -> None:
 
     def build_then_pretrain(family, layers, seed):
         model, processor = build(family, layers, seed)
-        if args.offsets:
-            plant_positional_heads(model, [int(o) for o in args.offsets.split(",")])
         streams = recall["streams"] = RecallStreams(processor.tokenizer, args.format, seed, args.keys)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0)
         c0, step, accs = time.process_time(), 0, []
@@ -259,9 +212,9 @@ def main() -> None:
     # this diagnostic swaps its own builder and loss into the module instead.
     T.build_model, T.loss_and_acc = build_then_pretrain, lookup_and_recall_loss
     if args.minutes <= 0:
-        build_then_pretrain("qwen3-vl", T.TEXT["num_hidden_layers"], args.seed)
+        build_then_pretrain(args.family, T.TEXT["num_hidden_layers"], args.seed)
         return
-    info = T.train("qwen3-vl", args.out, steps=100_000, lr=args.lr, seed=args.seed, max_minutes=args.minutes,
+    info = T.train(args.family, args.out, steps=100_000, lr=args.lr, seed=args.seed, max_minutes=args.minutes,
                    vision_steps=0, region_weight=0.0, curriculum=((1.0, LOOKUPS),), probe_every=0,
                    hard_kinds=False, prompt_weight=prompt_weight)
     print("lookups, teacher-forced exact match (moving average) by step:",

@@ -2,8 +2,8 @@
 
 Each sample is one 96x96 RGB image with 1-3 shapes (colour, shape, size, left-to-right order) and
 a question in one of several phrasings with a short (often multi-token) answer. Some questions
-need the image *and* facts stated in the text ("The red object is worth 3 points and the blue one
-5. How many points is the object on the left worth?"), so the prompt's encoding matters.
+need the image *and* facts stated in the text ("Points:\nred 3\nblue 5\nHow many points is the
+object on the left worth?" -> "blue 5 points"), so the prompt's encoding matters.
 
 Everything is a pure function of the seed: `make_dataset(n, seed)` returns the same samples on
 every machine. Training uses seed 0 (streamed), the held-out sets other seeds (see HELDOUT_SEED).
@@ -246,51 +246,65 @@ def _listing(parts: list[str]) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
 
 
+# The facts are listed one per line, each value right after its key ("red 6"), and the lookup answers
+# name the key before the value ("red 8 points"). A key at the start of a line is the same token as
+# at the start of the answer, so once the answer has named it (from the image), the value is an
+# associative-recall copy: find the line that starts with this token, take the next one. Small
+# models learn that within the training budget; with the value alone as the answer, or the facts
+# in prose, they stayed at chance (docs/trained-models.md, "Answers that name the key").
+POINTS_TITLES = ("Points:", "Points per color:", "What each color is worth:")
+OWNER_TITLES = ("Owners:", "Who owns what:", "The owners:")
+
+
+def _fact_lines(title: str, pairs: list[str]) -> str:
+    return "\n".join([title, *pairs])
+
+
 def _points_facts(rng, objs) -> tuple[str, dict[str, int]]:
-    """Points per colour, stated in the text (every object's colour, maybe one colour that is absent)."""
+    """Points per colour, one line each (every object's colour, maybe one colour that is absent)."""
     colors = [o.color for o in objs]
     extra = [c for c in COLORS if c not in colors]
     named = colors + rng.sample(extra, rng.randint(0, min(1, len(extra))))
     rng.shuffle(named)
     values = {c: rng.randint(1, 9) for c in named}
-    facts = []
-    for j, c in enumerate(named):
-        facts.append(f"the {c} object is worth {values[c]} points" if j == 0 else
-                     rng.choice([f"the {c} one {values[c]}", f"the {c} one is worth {values[c]}"]))
-    fact = _listing(facts)
-    return fact[0].upper() + fact[1:] + ".", values
+    return _fact_lines(rng.choice(POINTS_TITLES), [f"{c} {values[c]}" for c in named]), values
 
 
 def _owner_facts(rng, objs) -> tuple[str, dict[str, str], str]:
-    """Owners by shape (when the shapes differ) or by colour, stated in the text; and which key."""
+    """Owners by shape (when the shapes differ) or by colour, one line each; and which key."""
     by = rng.choice(["shape", "color"])
     by = "shape" if by == "shape" and len({o.shape for o in objs}) == len(objs) else "color"
     keys = [getattr(o, by) for o in objs]
-    owner = dict(zip(keys, rng.sample(NAMES, len(keys))))
+    owner = dict(zip(keys, (n.capitalize() for n in rng.sample(NAMES, len(keys)))))
     order = list(keys)
     rng.shuffle(order)
-    facts = [f"{owner[k].capitalize()} owns the {k}" + ("" if by == "shape" else " one") for k in order]
-    return _listing(facts) + ".", owner, by
+    return _fact_lines(rng.choice(OWNER_TITLES), [f"{k} {owner[k]}" for k in order]), owner, by
 
 
 POINTS_QUESTIONS = ("How many points is {} worth?", "What is {} worth?", "How many points does {} give?")
 OWNER_QUESTIONS = ("Who owns {}?", "Whose is {}?", "Who is the owner of {}?")
 
 
+def _points_answer(o: Obj, values: dict[str, int]) -> str:
+    return f"{o.color} {values[o.color]} points"
+
+
+def _owner_answer(o: Obj, owner: dict[str, str], by: str) -> str:
+    return f"{getattr(o, by)} {owner[getattr(o, by)]}"
+
+
 def _q_points(rng, objs):
     """Facts in the text + the image: which colour is where."""
     fact, values = _points_facts(rng, objs)
     o, ref = _target(rng, objs)
-    q = rng.choice(POINTS_QUESTIONS).format(ref)
-    return f"{fact} {q}", f"{values[o.color]} points"
+    return f"{fact}\n{rng.choice(POINTS_QUESTIONS).format(ref)}", _points_answer(o, values)
 
 
 def _q_owner(rng, objs):
     """Facts in the text + the image: owners by shape or colour, asked by place."""
     fact, owner, by = _owner_facts(rng, objs)
     o, ref = _target(rng, objs)
-    q = rng.choice(OWNER_QUESTIONS).format(ref)
-    return f"{fact} {q}", owner[getattr(o, by)]
+    return f"{fact}\n{rng.choice(OWNER_QUESTIONS).format(ref)}", _owner_answer(o, owner, by)
 
 
 def _q_points_named(rng, objs):
@@ -300,7 +314,7 @@ def _q_points_named(rng, objs):
     o = rng.choice(objs)
     refs = (f"the {o.color} {o.shape}", f"the {o.color} object", f"the {o.color} shape")
     q = rng.choice([t.format(ref) for t, ref in zip(POINTS_QUESTIONS, refs)])
-    return f"{fact} {q}", f"{values[o.color]} points"
+    return f"{fact}\n{q}", _points_answer(o, values)
 
 
 def _q_owner_named(rng, objs):
@@ -308,8 +322,7 @@ def _q_owner_named(rng, objs):
     fact, owner, by = _owner_facts(rng, objs)
     o = rng.choice(objs)
     ref = f"the {o.shape}" if by == "shape" else f"the {o.color} {rng.choice(['one', 'object', 'shape'])}"
-    q = rng.choice(OWNER_QUESTIONS).format(ref)
-    return f"{fact} {q}", owner[getattr(o, by)]
+    return f"{fact}\n{rng.choice(OWNER_QUESTIONS).format(ref)}", _owner_answer(o, owner, by)
 
 
 def _q_scene(rng, objs):

@@ -171,7 +171,48 @@ def build_model(family: str, layers: int, seed: int):
     if family == "gemma3":  # HF initialises the projector to zeros, which blocks the image's gradient
         with torch.no_grad():
             model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.05)
+    plant_positional_heads(model, PLANTED_OFFSETS)
     return model, make_processor(family, tok, config)
+
+
+# Layer 0's first query head starts as a previous-token head. The lookups (`points`, `owner`) are an
+# associative recall: the answer names a key and copies the token after that key in the facts. That
+# circuit needs a head that moves each token's predecessor into it; learned from scratch, the models
+# sat at chance on the lookups for this whole budget, and with the head planted they learn them in
+# a few hundred steps (docs/trained-models.md, "Answers that name the key"). Training may change it.
+PLANTED_OFFSETS = (1,)
+
+
+def plant_positional_heads(model, offsets, pairs: int = 4, sharpness: float = 3.0) -> None:
+    """Layer 0's query head h attends to the token offsets[h] positions back: its queries and keys
+    read one embedding dimension that is constant over the vocabulary, and the query is rotated back
+    by that distance's RoPE angle on the `pairs` fastest frequencies, so q.k peaks at that distance
+    (attention weight >0.99 there at initialisation; tests/test_training.py). Works for both
+    families' attention (RoPE after q/k norms; Gemma's norms scale by 1 + weight)."""
+    lm = model.model.language_model
+    attn = lm.layers[0].self_attn
+    d, const = attn.head_dim, lm.config.hidden_size - 1
+    rotary = lm.rotary_emb
+    inv_freq = getattr(rotary, f"{getattr(attn, 'layer_type', None)}_inv_freq", None)
+    theta = (rotary.inv_freq if inv_freq is None else inv_freq)[:pairs]
+    group = lm.config.num_attention_heads // lm.config.num_key_value_heads
+    half = d // 2
+    used = list(range(pairs)) + list(range(half, half + pairs))
+    norm_offset = 1.0 if type(attn.q_norm).__name__.startswith("Gemma") else 0.0
+    with torch.no_grad():
+        lm.embed_tokens.weight[:, const] = 0.2
+        for h, offset in enumerate(offsets):
+            q, k = torch.zeros(d), torch.zeros(d)
+            q[:pairs], q[half:half + pairs] = torch.cos(offset * theta), -torch.sin(offset * theta)
+            k[:pairs] = 1.0
+            rows = slice(h * d, (h + 1) * d)
+            attn.q_proj.weight[rows] = 0
+            attn.q_proj.weight[rows, const] = q
+            kv = slice(h // group * d, (h // group + 1) * d)
+            attn.k_proj.weight[kv] = 0
+            attn.k_proj.weight[kv, const] = k
+        attn.q_norm.weight[used] = sharpness - norm_offset
+        attn.k_norm.weight[used] = sharpness - norm_offset
 
 
 # ---- batches ---------------------------------------------------------------------------------

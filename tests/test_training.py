@@ -33,18 +33,17 @@ def test_region_labels_follow_the_scene():
 
 
 def test_named_lookup_kinds_state_the_answer_in_the_text():
-    """The auxiliary lookups name the object in the question; the answer is the value the text gives
-    that object (so they can be learned without the image)."""
+    """The auxiliary lookups name the object in the question; the answer names that object's key and
+    the value its line in the text gives it (so they can be learned without the image)."""
     rng = random.Random(5)
-    for _ in range(30):
-        s = synthvqa.sample(rng, {"points_named": 1})
-        values = dict(re.findall(r"(\w+) (?:object is worth|one is worth|one) (\d)", s.question))
-        color = re.findall(r"the (\w+)", s.question.split(". ")[-1])[-1]
-        assert color in {o.color for o in s.objects} and s.answer == f"{values[color]} points"
-        s = synthvqa.sample(rng, {"owner_named": 1})
-        owners = {k: name.lower() for name, k in re.findall(r"(\w+) owns the (\w+)", s.question.rsplit(". ", 1)[0])}
-        asked = re.findall(r"the (\w+)", s.question.split(". ")[-1])[-1]
-        assert s.answer == owners[asked]
+    for kind in ("points_named", "owner_named") * 30:
+        s = synthvqa.sample(rng, {kind: 1})
+        title, *lines, question = s.question.split("\n")
+        assert title in synthvqa.POINTS_TITLES + synthvqa.OWNER_TITLES and question.endswith("?")
+        facts = dict(line.split(" ") for line in lines)  # one "key value" per line
+        asked = re.findall(r"the (\w+)", question)[-1]  # "the red object", "the circle"
+        assert asked in {getattr(o, by) for o in s.objects for by in ("color", "shape")}
+        assert s.answer == f"{asked} {facts[asked]}" + (" points" if kind == "points_named" else "")
     # Never asked in the held-out sets.
     assert not {s.kind for s in synthvqa.make_dataset(200, synthvqa.HELDOUT_SEED)} & set(synthvqa.AUX_KINDS)
 
@@ -142,3 +141,18 @@ def test_each_process_draws_its_own_data_stream(monkeypatch):
     monkeypatch.setattr(T, "world", lambda: (1, 2))
     a, b = T.rank_rng(0).random(), T.rank_rng(0).random()
     assert a == b != random.Random(0).random()
+
+
+@pytest.mark.parametrize("family", ["qwen3-vl", "gemma3"])
+def test_planted_previous_token_head(family):
+    """build_model starts layer 0's first head as a previous-token head (T.PLANTED_OFFSETS), in
+    both families' attention; the other heads are left as initialised."""
+    model, processor = T.build_model(family, 2, seed=0)
+    model.set_attn_implementation("eager")
+    ids = processor.tokenizer("Points:\nred 6\nblue 3\ngreen 8\nHow many points is the red one worth?",
+                              return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        attn = model(input_ids=ids, output_attentions=True).attentions[0][0]  # [heads, query, key]
+    previous = attn[0].diagonal(offset=-1)
+    assert previous.min() > 0.99, previous
+    assert attn[1].diagonal(offset=-1).mean() < 0.5  # an unplanted head is not one
