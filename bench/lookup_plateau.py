@@ -1,11 +1,12 @@
 """The text lookups of the trained models, alone (docs/trained-models.md, "the text lookup on its own"
 and after).
 
-Trains the language model of the shipped shape (Qwen3-VL, or --family gemma3; no vision stage) on the two named lookups
-alone ("Points:\nred 6\nblue 3\nHow many points is the red one worth?" -> "red 6 points"),
-optionally after and/or alongside dense associative-recall streams (the same keys repeated in one
-stream, loss on every repeated key's value), and prints the recall accuracy and the lookups'
-teacher-forced exact match as it goes. One core, one thread; a diagnostic, not the shipped recipe.
+Trains the language model of the shipped shape (Qwen3-VL, or --family gemma3; no vision stage) on
+the two named lookups alone ("Points:\nred 6\nblue 3\nHow many points is the red one worth?" ->
+"red 6 points"), optionally after and/or alongside dense associative-recall streams (the same keys
+repeated in one stream, loss on every repeated key's value), and prints the recall accuracy and the
+lookups' teacher-forced exact match as it goes. One core, one thread; a diagnostic, not the
+shipped recipe.
 
     python bench/lookup_plateau.py --minutes 6              # the recipe's planted head: ~0.95 by step 300
     python bench/lookup_plateau.py --offsets 0 --minutes 6  # no planted head: ~0.50 (chance) at step 600

@@ -188,7 +188,10 @@ def plant_positional_heads(model, offsets, pairs: int = 4, sharpness: float = 3.
     read one embedding dimension that is constant over the vocabulary, and the query is rotated back
     by that distance's RoPE angle on the `pairs` fastest frequencies, so q.k peaks at that distance
     (attention weight >0.99 there at initialisation; tests/test_training.py). Works for both
-    families' attention (RoPE after q/k norms; Gemma's norms scale by 1 + weight)."""
+    families' attention (RoPE after q/k norms; Gemma's norms scale by 1 + weight). The q/k norm
+    weights are shared by the layer's heads, so the others see those dimensions scaled too."""
+    if not offsets:
+        return
     lm = model.model.language_model
     attn = lm.layers[0].self_attn
     d, const = attn.head_dim, lm.config.hidden_size - 1
