@@ -6,7 +6,8 @@ Runs a prefill process (POP prefill of 512-token prompts, back to back) and a de
 (FullDecoder steps at batch 8) at the same time, as the Prefill and Decode replicas do under load,
 with each thread layout below, then each one alone. Prints ms per prefill and per decode step,
 and the slowdown against running alone. OpenMP's default spin-waiting vs passive waiting is the
-OMP_WAIT_POLICY the replicas get from service/deployments/common.py.
+OMP_WAIT_POLICY the replicas get from service/deployments/common.py; a layout may give prefill and
+decode different policies, and "SPIN<n>" means libgomp's spin-then-sleep with GOMP_SPINCOUNT=n.
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-LAYOUTS = [  # (prefill threads, decode threads, OMP_WAIT_POLICY)
-    (2, 2, "ACTIVE"), (2, 1, "ACTIVE"), (1, 1, "ACTIVE"),
-    (2, 2, "PASSIVE"), (2, 1, "PASSIVE"), (1, 1, "PASSIVE"),
+LAYOUTS = [  # (prefill threads, decode threads, OMP_WAIT_POLICY of prefill, of decode)
+    (2, 2, "ACTIVE", "ACTIVE"), (2, 1, "ACTIVE", "ACTIVE"), (1, 1, "ACTIVE", "ACTIVE"),
+    (2, 2, "PASSIVE", "PASSIVE"), (2, 1, "PASSIVE", "PASSIVE"), (1, 1, "PASSIVE", "PASSIVE"),
+    (2, 1, "ACTIVE", "PASSIVE"),  # a spinning prefill next to a passive decode
 ]
 
 
@@ -59,9 +61,14 @@ def run(layout: tuple, args, model: str) -> dict:
     """Start the processes of one layout (threads 0 = not run), release them together, collect ms/op."""
     go = Path(tempfile.mkdtemp()) / "go"
     procs = {}
-    for mode, threads in (("prefill", layout[0]), ("decode", layout[1])):
+    for mode, threads, policy in (("prefill", layout[0], layout[2]), ("decode", layout[1], layout[-1])):
         if threads:
-            env = {**os.environ, "OMP_WAIT_POLICY": layout[2], "OMP_NUM_THREADS": str(threads)}
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            if policy.startswith("SPIN"):  # "SPIN10000": libgomp spins that long at a barrier, then sleeps
+                env.pop("OMP_WAIT_POLICY", None)
+                env["GOMP_SPINCOUNT"] = policy[4:]
+            else:
+                env["OMP_WAIT_POLICY"] = policy
             procs[mode] = subprocess.Popen(
                 [sys.executable, __file__, "--worker", mode, "--threads", str(threads), "--seconds", str(args.seconds),
                  "--model", model, "--batch", str(args.batch), "--go", str(go)],
@@ -103,7 +110,8 @@ def main(argv=None) -> int:
             alone[("decode", t, policy)] = run((0, t, policy), args, model)["decode"]
     print(f"{args.family} bench checkpoint, {os.cpu_count()} cores; prefill = one 512-token prompt (POP), "
           f"decode = one step at batch {args.batch}\n")
-    print("| OMP_WAIT_POLICY | prefill threads | decode threads | prefill ms (x alone) | decode step ms (x alone) |")
+    print("| OMP_WAIT_POLICY (prefill / decode) | prefill threads | decode threads | prefill ms (x alone) | "
+          "decode step ms (x alone) |")
     print("|---|---:|---:|---:|---:|")
     for policy in ("ACTIVE", "PASSIVE"):
         for t in (1, 2):
@@ -111,8 +119,9 @@ def main(argv=None) -> int:
             print(f"| {policy} | - | {t} | - | {alone[('decode', t, policy)]:.0f} (alone) |")
     for layout in LAYOUTS:
         r = run(layout, args, model)
-        pa, da = alone[("prefill", layout[0], layout[2])], alone[("decode", layout[1], layout[2])]
-        print(f"| {layout[2]} | {layout[0]} | {layout[1]} | {r['prefill']:.0f} ({r['prefill'] / pa:.2f}x) | "
+        pa, da = alone[("prefill", layout[0], layout[2])], alone[("decode", layout[1], layout[3])]
+        policy = layout[2] if layout[2] == layout[3] else f"{layout[2]} / {layout[3]}"
+        print(f"| {policy} | {layout[0]} | {layout[1]} | {r['prefill']:.0f} ({r['prefill'] / pa:.2f}x) | "
               f"{r['decode']:.0f} ({r['decode'] / da:.2f}x) |", flush=True)
     return 0
 
