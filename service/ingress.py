@@ -36,6 +36,10 @@ app = FastAPI(title="popserve", description="OpenAI-compatible chat completions 
 # Temperatures this small sample like greedy anyway, but logits / t overflows float32 to inf and
 # the softmax to NaN, which would fail the sampler and with it every sequence of the decode batch.
 MIN_SAMPLING_TEMPERATURE = 1e-3
+# A stage replica that dies before the first token: the request is relaunched up to this many
+# times, after RETRY_BACKOFF_S x the attempt number (so the router can drop the dead replica).
+REPLICA_RETRIES = 2
+RETRY_BACKOFF_S = 0.25
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -278,11 +282,12 @@ class Ingress:
     async def _start(self, req, prepared, rid, t0) -> AsyncIterator[tuple[int, Optional[str]]]:
         """Launch the stages and wait for the first token before answering, so that whatever fails
         before it (a full queue, a dead replica, a timeout) comes back as an HTTP status, streaming
-        or not. A replica failure before the first token is retried once: nothing was produced
-        yet and encode, prefill and decode are idempotent (the retry may land on another replica,
-        or on the restarted one)."""
-        deadline = time.monotonic() + self.cfg.limits.request_timeout_s  # both attempts share it
-        for attempt in range(2):
+        or not. A replica failure before the first token is retried: nothing was produced yet and
+        encode, prefill and decode are idempotent (the retry may land on another replica, or on
+        the restarted one). A replica killed a moment ago can still be in the router's list, so
+        each retry waits a little longer first."""
+        deadline = time.monotonic() + self.cfg.limits.request_timeout_s  # all attempts share it
+        for attempt in range(1 + REPLICA_RETRIES):
             first_timeout = max(0.001, deadline - time.monotonic())
             tokens = self._tokens(self._launch(req, prepared), req, prepared, rid, t0, first_timeout)
             try:
@@ -291,9 +296,10 @@ class Ingress:
                 return tokens
             except StageFailed as exc:
                 await tokens.aclose()
-                if attempt or exc.code != "replica_failed":
+                if attempt == REPLICA_RETRIES or exc.code != "replica_failed":
                     raise
-                logger.warning("request %s: %s; retrying once", rid, exc.message)
+                logger.warning("request %s: %s; retry %d of %d", rid, exc.message, attempt + 1, REPLICA_RETRIES)
+                await asyncio.sleep(min(RETRY_BACKOFF_S * (attempt + 1), max(0.0, deadline - time.monotonic())))
                 continue
             except BaseException:
                 await tokens.aclose()
@@ -333,7 +339,10 @@ class Ingress:
                     yield item
         finally:
             self.metrics.in_flight.dec()
-            stream.cancel()  # no-op when finished; frees the decode slot when the client left
+            try:
+                stream.cancel()  # no-op when finished; frees the decode slot when the client left
+            except Exception:  # cancel() re-raises a failed routing (a dead replica): nothing to free,
+                pass  # and the error being handled (retried or answered) must not be replaced by it
 
     def _finish_metrics(self, prepared, completion_tokens, t0, code="200"):
         self.metrics.requests.labels(code).inc()
