@@ -61,7 +61,7 @@ def run(layout: tuple, args, model: str) -> dict:
     """Start the processes of one layout (threads 0 = not run), release them together, collect ms/op."""
     go = Path(tempfile.mkdtemp()) / "go"
     procs = {}
-    for mode, threads, policy in (("prefill", layout[0], layout[2]), ("decode", layout[1], layout[-1])):
+    for mode, threads, policy in (("prefill", layout[0], layout[2]), ("decode", layout[1], layout[3])):
         if threads:
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
             if policy.startswith("SPIN"):  # "SPIN10000": libgomp spins that long at a barrier, then sleeps
@@ -106,8 +106,8 @@ def main(argv=None) -> int:
     alone = {}
     for policy in ("ACTIVE", "PASSIVE"):
         for t in (1, 2):
-            alone[("prefill", t, policy)] = run((t, 0, policy), args, model)["prefill"]
-            alone[("decode", t, policy)] = run((0, t, policy), args, model)["decode"]
+            alone[("prefill", t, policy)] = run((t, 0, policy, policy), args, model)["prefill"]
+            alone[("decode", t, policy)] = run((0, t, policy, policy), args, model)["decode"]
     print(f"{args.family} bench checkpoint, {os.cpu_count()} cores; prefill = one 512-token prompt (POP), "
           f"decode = one step at batch {args.batch}\n")
     print("| OMP_WAIT_POLICY (prefill / decode) | prefill threads | decode threads | prefill ms (x alone) | "
