@@ -377,7 +377,10 @@ def test_client_disconnect_frees_the_decode_slot_and_kv(rel):
     """20 long streams read their first token; 19 close. The running-sequence gauge falls to the
     one still open (which proves the others did not just finish: it is the same greedy prompt),
     then to zero when it closes too, with the KV bytes. Aborted non-streaming requests too."""
-    body = rel.body("Tell me a very long story about the sea and the boy", max_tokens=590, stream=True)
+    body = rel.body("Tell me a very long story about the sea and the boy, the old man and his small boat, "
+                    "the great fish far out in the gulf stream, the sharks that came after it, and what "
+                    "the boy said to the old man when he finally came back home to the harbour",
+                    max_tokens=590, stream=True)
     url = rel.chat_url
 
     async def scenario():
@@ -408,13 +411,23 @@ def test_client_disconnect_frees_the_decode_slot_and_kv(rel):
                     await asyncio.sleep(0.1)
                 raise AssertionError(f"gauges stuck at {await gauges()}")
 
+            # KV bytes per token from the pool's size (24 slots x 1024 positions, the fixture's engine),
+            # and the prompt's length, so that the bounds below hold at any decode speed: the open
+            # stream keeps growing while the others are dropped.
+            per_token = metric((await client.get(f"{rel.base_url}/metrics")).text,
+                               "popserve_decode_kv_pool_bytes") / (24 * 1024)
+            probe = await client.post(url, json={**body, "stream": False, "max_tokens": 1})
+            prompt = probe.json()["usage"]["prompt_tokens"]
+            one_max = per_token * (prompt + 1 + body["max_tokens"])  # one sequence at its longest
+            assert 20 * per_token * prompt > 2 * one_max  # the prompt is long enough to tell 1 from 20
+
             streams = await asyncio.gather(*(open_stream() for _ in range(20)))
             running, kv_all = await gauges()
-            assert running == 20 and kv_all > 0
+            assert running == 20 and kv_all >= 20 * per_token * prompt
             for r, _ in streams[1:]:
                 await r.aclose()
             took, (running, kv_one) = await wait_for(lambda n, kv: n == 1, 6.0)
-            assert 0 < kv_one < kv_all / 10
+            assert per_token * prompt <= kv_one <= one_max
             await streams[0][0].aclose()
             took2, _ = await wait_for(lambda n, kv: n == 0 and kv == 0, 6.0)
 
