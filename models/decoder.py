@@ -19,7 +19,7 @@ import torch
 
 from .families.base import get_module
 from .kv import KVHandoff, pop_fingerprint
-from .loading import column_major_linears, load_checkpoint, param_bytes, release
+from .loading import fast_cpu_linears, load_checkpoint, param_bytes, release
 from .masks import decode_masks
 from .pop import skipped_layer_count
 from .sampling import SamplingParams, sample
@@ -78,7 +78,7 @@ class FullDecoder:
         self.lm_head = loaded.model.lm_head.to(self.device)
         release(loaded)
         if self.device.type == "cpu":
-            column_major_linears(self.text, self.lm_head)
+            self.text, self.lm_head = fast_cpu_linears(self.text, self.lm_head)
         self.max_seqs, self.max_seq_len = max_seqs, max_seq_len
         self.pool = torch.zeros(fam.num_layers, 2, max_seqs, fam.num_kv_heads, max_seq_len, fam.head_dim,
                                 dtype=self.dtype, device=self.device)

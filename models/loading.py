@@ -103,15 +103,58 @@ def param_bytes(*modules: nn.Module | None) -> int:
             if key not in seen:
                 seen.add(key)
                 total += p.numel() * p.element_size()
+        total += sum(x.packed.numel() * x.packed.element_size() for x in m.modules() if isinstance(x, PackedLinear))
     return total
 
 
-def column_major_linears(*modules: nn.Module) -> None:
-    """Store every Linear weight as the transpose of a contiguous [in, out] matrix: same values,
-    shape and results, but F.linear then hands MKL a row-major Wᵀ, whose one-row product (decode
-    at batch 1) runs about 2x faster on CPU (bench: 56 -> 30 ms for 314 MB of weights; no change
-    at 8+ rows). CPU only: GPUs have their own preferred layouts."""
+class PackedLinear(nn.Module):
+    """An nn.Linear whose weight is prepacked once into oneDNN's blocked layout (CPU inference).
+    Same results bit for bit; a bf16 product of 1-16 rows (a decode step) reads the weights
+    1.6-1.7x faster than F.linear's (bench shape, AVX-512 BF16, one core: 13.5 vs 7.9 GB/s at 1 row,
+    10.9 vs 6.4 at 8) and a 2048-token POP prefill runs 1.32 s instead of 1.42. PyTorch's own CPU
+    inductor emits these two ops for frozen bf16 Linears."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None),
+                             persistent=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def _can_pack(dtype: torch.dtype) -> bool:
+    ops = torch.ops.mkldnn
+    return torch.backends.mkldnn.is_available() and (
+        (dtype == torch.bfloat16 and ops._is_mkldnn_bf16_supported())
+        or (dtype == torch.float16 and ops._is_mkldnn_fp16_supported()))
+
+
+def fast_cpu_linears(*modules: nn.Module) -> tuple[nn.Module, ...]:
+    """Lay out every Linear's weight for CPU inference (same values, shapes and results; GPUs have
+    their own layouts), mainly for the decode step's few-row products. Returns the modules, a
+    Linear given at the top level replaced by its packed form.
+    - bf16/fp16 where oneDNN computes them natively: PackedLinear (above);
+    - float32: the weight stored as the transpose of a contiguous [in, out] matrix, so F.linear
+      hands MKL a row-major Wᵀ, whose one-row product runs about 2x faster (AVX2 host: 56 -> 30 ms
+      for 314 MB of weights; no change at 8+ rows)."""
+    # A weight tied to an embedding (Gemma-3's LM head) stays as it is: packing would copy it.
+    tied = {p.data_ptr() for module in modules for m in module.modules() if not isinstance(m, nn.Linear)
+            for p in m.parameters(recurse=False)}
+
+    def fast(linear: nn.Linear) -> nn.Module:
+        if linear.weight.data_ptr() in tied:
+            return linear
+        if _can_pack(linear.weight.dtype):
+            return PackedLinear(linear)
+        linear.weight.data = linear.weight.data.t().contiguous().t()
+        return linear
+
     for module in modules:
-        for m in module.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.data = m.weight.data.t().contiguous().t()
+        for parent in list(module.modules()):
+            for name, child in parent.named_children():
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, fast(child))
+    return tuple(fast(m) if isinstance(m, nn.Linear) else m for m in modules)

@@ -16,7 +16,7 @@ import torch
 from .families import ImageFeatures
 from .families.base import get_module
 from .kv import KVHandoff, pop_fingerprint
-from .loading import load_checkpoint, param_bytes, release
+from .loading import fast_cpu_linears, load_checkpoint, param_bytes, release
 from .masks import prefill_masks
 from .pop import independent_kv, skipped_layer_count
 
@@ -56,6 +56,8 @@ class PrunedPrefill:
             fam.strip_to_kv_projection(layer)
         self.text = text.to(self.device)
         release(loaded)
+        if self.device.type == "cpu":
+            (self.text,) = fast_cpu_linears(self.text)
 
     def param_bytes(self) -> int:
         return param_bytes(self.text)

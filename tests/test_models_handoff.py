@@ -7,6 +7,8 @@
   layers + the skipped layers' input norm, K/V projections and k_norm + the embedding), the decoder
   no vision tower, the encoder no decoder layers; checked on everything the runner object reaches.
 * POP ratios that skip every layer or a Qwen3-VL deepstack layer are refused with PopConfigError.
+* On CPUs that compute bf16 natively, the bf16 prefill and decoder run oneDNN-prepacked Linears
+  (models.loading.PackedLinear) and give the same KV and tokens as plain Linears, bit for bit.
 """
 from __future__ import annotations
 
@@ -24,7 +26,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from popserve.models.decoder import FullDecoder  # noqa: E402
 from popserve.models.encoder import VisionEncoder  # noqa: E402
+from popserve.models import loading  # noqa: E402
 from popserve.models.kv import HandoffMismatch  # noqa: E402
+from popserve.models.loading import PackedLinear  # noqa: E402
 from popserve.models.pop import PopConfigError, skipped_layer_count  # noqa: E402
 from popserve.models.prefill import PrefillRequest, PrunedPrefill  # noqa: E402
 from popserve.models.prompt import PromptBuilder  # noqa: E402
@@ -247,3 +251,45 @@ def test_ratio_that_skips_a_deepstack_layer_is_refused(qwen_dir, gemma_dir):
         FullDecoder(qwen_dir, pop_ratio=0.8, max_seqs=1, max_seq_len=16)
     # Gemma-3 has no deepstack: the same ratio is fine there.
     assert PrunedPrefill(gemma_dir, pop_ratio=0.8).k == 5
+
+
+# ---- 8. prepacked Linears (bf16 on CPU) -------------------------------------------------------
+needs_native_bf16 = pytest.mark.skipif(not loading._can_pack(torch.bfloat16),
+                                       reason="oneDNN has no native bf16 on this CPU (float32 is used there)")
+
+
+@needs_native_bf16
+@pytest.mark.parametrize("shape,bias", [((1, 64), False), ((8, 64), True), ((2, 37, 64), True)])
+def test_packed_linear_is_bit_identical_to_linear(shape, bias):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 96, bias=bias).to(torch.bfloat16)
+    x = torch.randn(*shape, dtype=torch.bfloat16)
+    out = PackedLinear(lin)(x)
+    assert out.shape == (*shape[:-1], 96) and torch.equal(out, lin(x))
+
+
+@needs_native_bf16
+def test_bf16_stages_pack_their_linears_and_match_plain_linears(tiny_dir, monkeypatch):
+    prompt = PromptBuilder(tiny_dir).build(MESSAGES)
+
+    def run():
+        pre = PrunedPrefill(tiny_dir, pop_ratio=POP, dtype="bfloat16")
+        dec = FullDecoder(tiny_dir, pop_ratio=POP, dtype="bfloat16", max_seqs=2, max_seq_len=128)
+        handoff = handoff_from(pre, prompt)
+        return pre, dec, handoff, dec.generate([handoff], SamplingParams(max_new_tokens=12))
+
+    pre, dec, handoff, tokens = run()
+    assert not [m for m in [*pre.text.modules(), *dec.text.modules()] if isinstance(m, nn.Linear)]
+    embed = dec.text.embed_tokens.weight
+    if isinstance(dec.lm_head, nn.Linear):  # tied to the embedding (Gemma-3): kept, not copied
+        assert dec.lm_head.weight.data_ptr() == embed.data_ptr()
+    else:
+        assert isinstance(dec.lm_head, PackedLinear)
+    _, text_bytes = _hf_text_bytes(tiny_dir)
+    assert dec.param_bytes() == text_bytes // 2  # the packed weights counted, bf16 = half of float32
+
+    monkeypatch.setattr(loading, "_can_pack", lambda dtype: False)
+    plain_pre, plain_dec, plain_handoff, plain_tokens = run()
+    assert any(isinstance(m, nn.Linear) for m in plain_dec.text.modules())
+    assert torch.equal(handoff.kv, plain_handoff.kv)
+    assert tokens == plain_tokens and len(tokens[0]) == 12
