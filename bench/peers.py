@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model")
     ap.add_argument("--workloads", default="text512,text2048,image448")
     ap.add_argument("--concurrency", default="1,4,8,16")
-    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=20, help="per (server, workload, clients); the issue's reference used 20")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--time-limit", type=float, default=900)
     ap.add_argument("--dtype", default=None, help="compute dtype for every server (default: popserve's auto)")
