@@ -289,7 +289,7 @@ def test_bf16_stages_pack_their_linears_and_match_plain_linears(tiny_dir, monkey
     assert dec.param_bytes() == text_bytes // 2  # the packed weights counted, bf16 = half of float32
 
     monkeypatch.setattr(loading, "_can_pack", lambda dtype: False)
-    plain_pre, plain_dec, plain_handoff, plain_tokens = run()
+    _, plain_dec, plain_handoff, plain_tokens = run()
     assert any(isinstance(m, nn.Linear) for m in plain_dec.text.modules())
     assert torch.equal(handoff.kv, plain_handoff.kv)
     assert tokens == plain_tokens and len(tokens[0]) == 12

@@ -128,12 +128,15 @@ class App:
         return pids[stage]
 
 
+SLOTS, SEQ_LEN = 24, 1024  # the fixture's decode engine: KV pool slots x positions
+
+
 @pytest.fixture(scope="module")
 def rel(ray_cluster, qwen_dir):
     from ray import serve
 
     cfg = make_config(qwen_dir, pop_off_prefill=False,
-                      engine={"max_running_seqs": 24, "max_seq_len": 1024, "max_waiting": 16},
+                      engine={"max_running_seqs": SLOTS, "max_seq_len": SEQ_LEN, "max_waiting": 16},
                       limits={"max_request_bytes": 1 * 2**20, "max_tokens_limit": 600, "max_tokens_default": 8,
                               "max_images_per_request": 3, "max_image_pixels": 512 * 512})
     app = App(APP, deploy(ray_cluster, APP, cfg), cfg.model_name())
@@ -411,11 +414,10 @@ def test_client_disconnect_frees_the_decode_slot_and_kv(rel):
                     await asyncio.sleep(0.1)
                 raise AssertionError(f"gauges stuck at {await gauges()}")
 
-            # KV bytes per token from the pool's size (24 slots x 1024 positions, the fixture's engine),
-            # and the prompt's length, so that the bounds below hold at any decode speed: the open
-            # stream keeps growing while the others are dropped.
+            # KV bytes per token from the pool's size and the prompt's length, so that the bounds
+            # below hold at any decode speed: the open stream keeps growing while the others are dropped.
             per_token = metric((await client.get(f"{rel.base_url}/metrics")).text,
-                               "popserve_decode_kv_pool_bytes") / (24 * 1024)
+                               "popserve_decode_kv_pool_bytes") / (SLOTS * SEQ_LEN)
             probe = await client.post(url, json={**body, "stream": False, "max_tokens": 1})
             prompt = probe.json()["usage"]["prompt_tokens"]
             one_max = per_token * (prompt + 1 + body["max_tokens"])  # one sequence at its longest
