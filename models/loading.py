@@ -111,8 +111,8 @@ class PackedLinear(nn.Module):
     """An nn.Linear whose weight is prepacked once into oneDNN's blocked layout (CPU inference).
     Same results bit for bit; a bf16 product of 1-16 rows (a decode step) reads the weights
     1.6-1.7x faster than F.linear's (bench shape, AVX-512 BF16, one core: 13.5 vs 7.9 GB/s at 1 row,
-    10.9 vs 6.4 at 8) and a 2048-token POP prefill runs 1.32 s instead of 1.42. PyTorch's own CPU
-    inductor emits these two ops for frozen bf16 Linears."""
+    10.9 vs 6.4 at 8): decode steps 1.1-1.36x faster, prefill 2-7% (bench/cpu_layouts.py). PyTorch's
+    own CPU inductor emits these two ops for frozen bf16 Linears."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()

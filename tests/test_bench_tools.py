@@ -1,5 +1,6 @@
 """The GPU-node tools in bench/ (engine.py, step_profile.py) and the 8B shape they build, on what
-runs here: the tiny checkpoint on the CPU, and the 8B configuration on the meta device."""
+runs here: the tiny checkpoint on the CPU, and the 8B configuration on the meta device. Also the
+CPU layout comparison (cpu_layouts.py)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from popserve.models.loading import _can_pack
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -68,3 +71,19 @@ def test_step_profile_times_each_step(qwen_dir, tmp_path):
         "| prefill POP off, 40 tokens", "| decode step, batch 1, context 40", "| decode step, batch 2, context 40",
         "| decode step, batch 2, context 40, next to a running 40-token prefill"]
     assert all(float(r.split(" | ")[1]) > 0 for r in rows)
+
+
+@pytest.mark.skipif(not _can_pack(torch.bfloat16),
+                    reason="oneDNN has no native bf16 on this CPU: no packed layout to compare")
+def test_cpu_layouts_compares_packed_and_unpacked_runners(qwen_dir, tmp_path):
+    import cpu_layouts
+
+    out = tmp_path / "layouts.md"
+    cpu_layouts.main(["--model", str(qwen_dir), "--dtype", "bfloat16", "--lengths", "24,40", "--batches", "1,3",
+                      "--repeats", "1", "--out", str(out)])
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ") and "ms)" not in line]
+    assert [r[0] for r in rows] == [
+        "| POP prefill, 24 tokens, 2 threads", "| POP prefill, 40 tokens, 2 threads",
+        "| decode step, batch 1, context 24, 1 thread(s)", "| decode step, batch 3, context 24, 1 thread(s)",
+        "| decode step, batch 1, context 40, 1 thread(s)", "| decode step, batch 3, context 40, 1 thread(s)"]
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
