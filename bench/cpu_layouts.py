@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import checkpoint, model_arguments, what_model  # noqa: E402
+from loadgen import write_report  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -105,9 +106,7 @@ def main(argv=None) -> int:
 
     text = (f"CPU weight layouts, {what_model(args)}, {str(dtype).split('.')[-1]}, torch {torch.__version__}; "
             f"interleaved, median of {args.repeats}\n\n" + "\n".join(rows) + "\n")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print("\n" + text)
+    write_report(args.out, text)
     return 0
 
 

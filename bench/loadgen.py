@@ -1,7 +1,8 @@
 """Load generation against any OpenAI-compatible server (asyncio + httpx, loopback only).
 
 Bounded in request count and time; every prompt and image is unique (no cache hits). Shared by
-bench/serve.py (POP on vs off) and bench/peers.py (popserve vs other servers).
+bench/serve.py (POP on vs off) and bench/peers.py (popserve vs other servers); write_report for
+every bench script's markdown.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import random
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import httpx
@@ -154,3 +156,11 @@ def results_tables(results: dict, ours: str) -> str:
             lines.append(f"| {w} | {c} | vs {label} | {r['ttft_p50']/mine['ttft_p50']:.2f}x | "
                          f"{mine['out_tok_s']/r['out_tok_s']:.2f}x |")
     return "\n".join(lines) + "\n"
+
+
+def write_report(path: str | Path, text: str) -> None:
+    """A benchmark's markdown report: written to path (folders made) and printed."""
+    text = text.rstrip("\n")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text + "\n")
+    print("\n" + text)

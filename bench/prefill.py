@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import write_report  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -101,9 +104,7 @@ def main(argv=None) -> int:
     header = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, bench checkpoints "
               f"(24 layers x 512, stored bf16, computed in {compute_dtype}), "
               f"median of {args.repeats} interleaved runs\n\n")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(header + table + "\n")
-    print("\n" + header + table)
+    write_report(args.out, header + table)
     return 0
 
 

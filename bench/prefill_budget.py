@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import chat_body, run_load, text_prompt  # noqa: E402
+from loadgen import chat_body, run_load, text_prompt, write_report  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -70,10 +70,7 @@ def main(argv=None) -> int:
     for budget, r in rows:
         lines.append(f"| {budget} | {r['ttft_p50']:.1f} | {r['ttft_p90']:.1f} | {r['ttft_mean']:.1f} | "
                      f"{r['e2e_p50']:.1f} | {r['out_tok_s']:.2f} | {base['ttft_p50'] / r['ttft_p50']:.2f}x |")
-    text = "\n".join(lines) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print("\n" + text)
+    write_report(args.out, "\n".join(lines))
     return 0
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import chat_body, noise_image_url, run_load, text_prompt  # noqa: E402
+from loadgen import chat_body, noise_image_url, run_load, text_prompt, write_report  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -109,9 +109,7 @@ def main(argv=None) -> int:
                      f"{on['handoff_s']/on['ttft_mean']*100:.1f}% |")
     text = (f"bench checkpoint {args.family} (24 layers x 512, bf16), text {args.text_tokens} tokens, image "
             f"{args.image_side}x{args.image_side}, {args.max_tokens} output tokens, streaming\n\n" + head + "\n".join(lines))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
-    print("\n" + text)
+    write_report(args.out, text)
     return 0
 
 

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import checkpoint, model_arguments, what_model  # noqa: E402
-from loadgen import text_prompt  # noqa: E402
+from loadgen import text_prompt, write_report  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -132,10 +132,7 @@ def main(argv=None) -> int:
     text = (f"One step at a time on {where}, torch {torch.__version__}, {what_model(args)} ("
             f"{decoder.family.num_layers} layers, POP skips {runners['POP'].k}), {str(decoder.dtype).split('.')[-1]}; "
             f"median of {args.repeats} (wall), mean of 3 profiled calls (kernels).\n\n" + "\n".join(rows) + "\n")
-    out = Path(args.out or f"bench/results/step-profile-{args.shape}-{dev.type}.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print("\n" + text)
+    write_report(args.out or f"bench/results/step-profile-{args.shape}-{dev.type}.md", text)
     return 0
 
 
