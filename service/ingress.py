@@ -279,7 +279,7 @@ class Ingress:
         handoff = prefill.prefill.remote(prompt.input_ids, prompt.mm_token_type_ids, features)
         return self.decode.options(stream=True).generate.remote(handoff, prepared["params"])
 
-    async def _start(self, req, prepared, rid, t0) -> AsyncIterator[tuple[int, Optional[str]]]:
+    async def _start(self, req, prepared, rid, t0) -> AsyncIterator[list[tuple[int, Optional[str]]]]:
         """Launch the stages and wait for the first token before answering, so that whatever fails
         before it (a full queue, a dead replica, a timeout) comes back as an HTTP status, streaming
         or not. A replica failure before the first token is retried: nothing was produced yet and
@@ -308,8 +308,9 @@ class Ingress:
         raise AssertionError("unreachable")
 
     async def _tokens(self, stream, req, prepared, rid, t0,
-                      first_timeout: Optional[float] = None) -> AsyncIterator[tuple[int, Optional[str]]]:
-        """Token ids from decode, with TTFT / ITL metrics and a per-token timeout
+                      first_timeout: Optional[float] = None) -> AsyncIterator[list[tuple[int, Optional[str]]]]:
+        """Token ids from decode as they arrive, a list of (token id, finish reason) per message
+        (several when decode ran ahead of this process), with TTFT / ITL metrics and a timeout
         (limits.request_timeout_s: the longest wait for the first token, then for each next one)."""
         timeout = first_timeout or self.cfg.limits.request_timeout_s
         first, last, launched = True, None, time.perf_counter()
@@ -335,8 +336,7 @@ class Ingress:
                 elif last is not None:
                     self.metrics.itl.observe((now - last) / len(items))
                 last = now
-                for item in items:
-                    yield item
+                yield items
         finally:
             self.metrics.in_flight.dec()
             try:
@@ -354,10 +354,9 @@ class Ingress:
         detok = Detokenizer(self.builder.tokenizer, req.stop)
         reason, count = None, 0
         try:
-            async for tok, fin in tokens:
-                count += 1
-                detok.feed(tok)
-                reason = "stop" if detok.stopped else fin
+            async for items in tokens:
+                text, used, reason = detok.feed_message(items)
+                count += used
                 if reason:
                     break
         finally:  # also when the client went away (the task is cancelled): frees the decode slot
@@ -383,12 +382,11 @@ class Ingress:
         reason, count = None, 0
         yield chunk(Delta(role="assistant", content=""))
         try:
-            async for tok, fin in tokens:
-                count += 1
-                text = detok.feed(tok)
-                reason = "stop" if detok.stopped else fin
-                if reason:
-                    text += detok.flush()
+            async for items in tokens:
+                # One event for the tokens that arrived together: every event is a message to
+                # Serve's proxy and a write to the socket (docs/performance.md).
+                text, used, reason = detok.feed_message(items)
+                count += used
                 if text:
                     yield chunk(Delta(content=text))
                 if reason:

@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 FAMILIES = ("qwen3-vl", "gemma3")
+STREAM_INTERVAL = {"gemma3": 3}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -68,7 +69,9 @@ def ray_cluster():
 def servers(ray_cluster, tiny_dirs):
     out = {}
     for fam, d in tiny_dirs.items():
-        cfg = server_config(d)
+        # gemma3's server streams STREAM_INTERVAL tokens per message after the first, so that the
+        # streaming tests cover engine.stream_interval as well as the default (qwen3-vl's).
+        cfg = server_config(d, engine={"stream_interval": STREAM_INTERVAL.get(fam, 1)})
         out[fam] = Server(fam, deploy(ray_cluster, fam, cfg), cfg.model_name(), d, fam)
     return out
 

@@ -113,6 +113,39 @@ def test_http_greedy_matches_stage_runners(server, references, case, pop):
     assert chunks[-1]["usage"] == body["usage"]
 
 
+def test_stop_strings_cut_the_answer_streamed_or_not(server):
+    """A stop string ends the answer before it, finish_reason "stop", the same text streamed (where
+    gemma3's server sends 3 tokens per message, so the stop can fall inside one)."""
+    text = "Tell me a long story about the mountains"
+    full = chat(server, text, max_tokens=16).json()["choices"][0]["message"]["content"]
+    assert len(full) >= 8, full
+    at = len(full) // 2
+    stop = full[at:at + 2]
+    want = full[:full.find(stop)]
+    body = chat(server, text, max_tokens=16, stop=[stop]).json()
+    assert body["choices"][0]["message"]["content"] == want
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["completion_tokens"] < 16
+    streamed, reason, _ = read_stream(chat(server, text, max_tokens=16, stop=[stop], stream=True))
+    assert (streamed, reason) == (want, "stop")
+
+
+def test_stream_interval_sends_several_tokens_per_event(servers):
+    """The Ingress makes one SSE event of each decode message: with stream_interval 3 (gemma3's
+    test server) a 16-token answer comes in at most 1 + ceil(15 / 3) content events."""
+    from conftest import STREAM_INTERVAL
+
+    server, interval = servers["gemma3"], STREAM_INTERVAL["gemma3"]
+    text = "Tell me a long story about the mountains"
+    full = chat(server, text, max_tokens=16).json()
+    streamed, _, chunks = read_stream(chat(server, text, max_tokens=16, stream=True,
+                                           stream_options={"include_usage": True}))
+    n = chunks[-1]["usage"]["completion_tokens"]
+    assert streamed == full["choices"][0]["message"]["content"] and n == full["usage"]["completion_tokens"] == 16
+    events = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert len(events) <= 1 + -(-(n - 1) // interval), [e["choices"][0]["delta"]["content"] for e in events]
+
+
 def test_pop_switch_changes_the_computation(servers, references):
     """POP on and off are really different prefill paths (random weights: outputs diverge)."""
     server = servers["gemma3"]

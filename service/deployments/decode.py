@@ -24,7 +24,7 @@ class DecodeStage:
         decoder = FullDecoder(self.cfg.model, self.cfg.pop_ratio, self.cfg.dtype, self.cfg.device,
                               max_seqs=eng.max_running_seqs, max_seq_len=eng.max_seq_len)
         stop_ids = PromptBuilder(self.cfg.model).eos_token_ids
-        self.scheduler = DecodeScheduler(decoder, stop_ids, eng.max_waiting)
+        self.scheduler = DecodeScheduler(decoder, stop_ids, eng.max_waiting, eng.stream_interval)
 
     async def generate(self, handoff: KVHandoff, params: dict) -> AsyncIterator[list]:
         async for items in self.scheduler.generate(handoff, SamplingParams(**params)):

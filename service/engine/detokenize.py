@@ -1,6 +1,8 @@
 """Incremental detokenization with stop strings, at the ingress (which holds the tokenizer)."""
 from __future__ import annotations
 
+from typing import Optional
+
 
 class Detokenizer:
     """Feeds token ids, returns the new printable text. Holds back text that may still become
@@ -28,6 +30,17 @@ class Detokenizer:
                 return self._emit(len(self.text))
         hold = max((len(s) - 1 for s in self.stop), default=0)
         return self._emit(max(self.sent, len(self.text) - hold))
+
+    def feed_message(self, items: list[tuple[int, Optional[str]]]) -> tuple[str, int, Optional[str]]:
+        """One decode message's (token id, finish reason) pairs: returns the new text, how many
+        tokens count (none after a stop string or the finish), and the finish reason or None."""
+        text = ""
+        for used, (token_id, finish) in enumerate(items, 1):
+            text += self.feed(token_id)
+            reason = "stop" if self.stopped else finish
+            if reason:
+                return text + self.flush(), used, reason
+        return text, len(items), None
 
     def flush(self) -> str:
         return self._emit(len(self.text))

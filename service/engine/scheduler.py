@@ -31,10 +31,12 @@ class _Request:
 
 
 class DecodeScheduler:
-    def __init__(self, decoder: FullDecoder, stop_token_ids: tuple[int, ...], max_waiting: int):
+    def __init__(self, decoder: FullDecoder, stop_token_ids: tuple[int, ...], max_waiting: int,
+                 stream_interval: int = 1):
         self.decoder = decoder
         self.stop_token_ids = stop_token_ids
         self.max_waiting = max_waiting
+        self.stream_interval = stream_interval
         self.waiting: collections.deque[_Request] = collections.deque()
         self.active: dict[int, _Request] = {}
         self._wake = asyncio.Event()
@@ -48,7 +50,9 @@ class DecodeScheduler:
 
     # ---- API for the deployment ------------------------------------------------------------
     async def generate(self, handoff: KVHandoff, params: SamplingParams) -> AsyncIterator[list]:
-        """Yields lists of (token_id, finish_reason) as steps produce them."""
+        """Yields lists of (token_id, finish_reason) as steps produce them: the first list as soon
+        as there is a token (TTFT), then lists of at least stream_interval tokens (fewer only at
+        the end), longer when the caller reads slower than the steps come."""
         dec = self.decoder
         fam = dec.family
         try:
@@ -69,14 +73,16 @@ class DecodeScheduler:
         self._ensure_loop()
         finished = False
         try:
+            want = 1  # the first token goes out at once (TTFT)
             while not finished:
-                items = [await req.out.get()]
-                while not req.out.empty():
-                    items.append(req.out.get_nowait())
-                for item in items:
+                items = []
+                while not finished and (len(items) < want or not req.out.empty()):
+                    item = await req.out.get()
                     if isinstance(item, BaseException):
                         raise item
-                finished = items[-1][1] is not None
+                    items.append(item)
+                    finished = item[1] is not None
+                want = self.stream_interval
                 yield items
         finally:
             if not finished:  # client went away or an error: free the slot at the next step

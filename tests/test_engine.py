@@ -1,0 +1,59 @@
+"""service/engine over the real tiny model: the decode scheduler's token stream, the detokenizer."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from popserve.models.decoder import FullDecoder
+from popserve.models.prefill import PrefillRequest, PrunedPrefill
+from popserve.models.prompt import PromptBuilder
+from popserve.models.sampling import SamplingParams
+from popserve.service.engine.detokenize import Detokenizer
+from popserve.service.engine.scheduler import DecodeScheduler
+
+NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def stage_pair(qwen_dir):
+    prefill = PrunedPrefill(qwen_dir, 1 / 3, dtype="float32")
+    decoder = FullDecoder(qwen_dir, 1 / 3, dtype="float32", max_seqs=2, max_seq_len=256)
+    handoff = prefill.prefill([PrefillRequest(torch.arange(10, 40))])[0]
+    return decoder, handoff
+
+
+async def _messages(scheduler, handoff) -> list[list]:
+    return [m async for m in scheduler.generate(handoff, SamplingParams(max_new_tokens=NEW_TOKENS))]
+
+
+@pytest.mark.parametrize("interval, sizes", [(1, [1] * NEW_TOKENS), (3, [1, 3, 3, 3]), (4, [1, 4, 4, 1])])
+def test_stream_interval_groups_the_tokens_after_the_first(stage_pair, interval, sizes):
+    """The first token goes out alone (TTFT), then `interval` at a time; the tokens are the
+    decoder's own greedy ones and the last message carries the finish reason."""
+    decoder, handoff = stage_pair
+    want = decoder.generate([handoff], SamplingParams(max_new_tokens=NEW_TOKENS))[0]
+    messages = asyncio.run(_messages(DecodeScheduler(decoder, (), max_waiting=4, stream_interval=interval), handoff))
+    assert [len(m) for m in messages] == sizes
+    assert [tok for m in messages for tok, _ in m] == want
+    assert [fin for m in messages for _, fin in m] == [None] * (NEW_TOKENS - 1) + ["length"]
+    assert decoder.num_running == 0
+
+
+def test_detokenizer_takes_a_message_up_to_its_stop_string(qwen_dir):
+    """feed_message turns a message of several tokens into text: all of it without a stop, the
+    text before the stop string (and the tokens up to the one that completed it) with one."""
+    tokenizer = PromptBuilder(qwen_dir).tokenizer
+    ids = tokenizer.encode("the red circle is left of the blue square", add_special_tokens=False)
+    items = [(i, None) for i in ids]
+    whole = Detokenizer(tokenizer, [])
+    first, rest = whole.feed_message(items[:1]), whole.feed_message(items[1:])
+    assert first[1:] == (1, None) and rest[1:] == (len(ids) - 1, None)
+    assert first[0] + rest[0] == tokenizer.decode(ids)
+    cut = Detokenizer(tokenizer, ["blue"])
+    text, used, reason = cut.feed_message(items)
+    assert (text, reason) == ("the red circle is left of the ", "stop")
+    assert tokenizer.decode(ids[:used]).endswith("blue") and not tokenizer.decode(ids[:used - 1]).endswith("blue")
+    last = Detokenizer(tokenizer, [])
+    assert last.feed_message(items[:2] + [(ids[2], "length")]) == (tokenizer.decode(ids[:3]), 3, "length")
