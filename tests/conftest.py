@@ -9,7 +9,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 FAMILIES = ("qwen3-vl", "gemma3")
-STREAM_INTERVAL = {"gemma3": 3}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -48,7 +47,7 @@ def gemma_dir(tiny_dirs):
     return tiny_dirs["gemma3"]
 
 
-from popserve_testing import Server, deploy, free_port, server_config  # noqa: E402
+from popserve_testing import STREAM_INTERVAL, Server, deploy, free_port, server_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -69,9 +68,7 @@ def ray_cluster():
 def servers(ray_cluster, tiny_dirs):
     out = {}
     for fam, d in tiny_dirs.items():
-        # gemma3's server streams STREAM_INTERVAL tokens per message after the first, so that the
-        # streaming tests cover engine.stream_interval as well as the default (qwen3-vl's).
-        cfg = server_config(d, engine={"stream_interval": STREAM_INTERVAL.get(fam, 1)})
+        cfg = server_config(d, engine={"stream_interval": STREAM_INTERVAL[fam]})
         out[fam] = Server(fam, deploy(ray_cluster, fam, cfg), cfg.model_name(), d, fam)
     return out
 

@@ -8,6 +8,11 @@ class Server:
         self.model_dir, self.app_name = model_dir, app_name
 
 
+# Tokens per streamed message of each family's session test server (engine.stream_interval):
+# gemma3's sends 3 at a time so that the streaming tests cover the option as well as the default.
+STREAM_INTERVAL = {"qwen3-vl": 1, "gemma3": 3}
+
+
 def free_port() -> int:
     import socket
 

@@ -133,7 +133,7 @@ def test_stop_strings_cut_the_answer_streamed_or_not(server):
 def test_stream_interval_sends_several_tokens_per_event(servers):
     """The Ingress makes one SSE event of each decode message: with stream_interval 3 (gemma3's
     test server) a 16-token answer comes in at most 1 + ceil(15 / 3) content events."""
-    from conftest import STREAM_INTERVAL
+    from popserve_testing import STREAM_INTERVAL
 
     server, interval = servers["gemma3"], STREAM_INTERVAL["gemma3"]
     text = "Tell me a long story about the mountains"
