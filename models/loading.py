@@ -33,7 +33,7 @@ class Loaded:
 
 def cpu_has_native_half() -> bool:
     """True when this CPU computes bf16 natively (AVX512-BF16 or AMX). Without it torch emulates
-    bf16 matmuls, several times slower than float32 (measured: README, "dtype on CPUs")."""
+    bf16 matmuls, several times slower than float32 (measured: README, "Configuration")."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

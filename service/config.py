@@ -65,9 +65,9 @@ class DecodeEngine(_Strict):
     max_running_seqs: int = Field(16, ge=1)
     max_seq_len: int = Field(4096, ge=16)  # prompt + generated tokens of one sequence
     max_waiting: int = Field(64, ge=0)  # admitted but not yet running; beyond it: 503
-    # Tokens per streamed message after the first (vLLM's --stream-interval). Every message costs
-    # the Ingress and Serve's proxy about as much as a token did: 4 halves their CPU per token and
-    # gives busy 2-core servers ~3% more tok/s, but tokens then arrive in bursts (docs/performance.md).
+    # Tokens per streamed message after the first (vLLM's --stream-interval). Each message costs the
+    # Ingress and Serve's proxy about what a token did: 4 halved their CPU per token at one client and
+    # gave the image load at 8 clients 7% more tok/s, but tokens arrive in bursts (docs/performance.md).
     stream_interval: int = Field(1, ge=1, le=64)
 
 
