@@ -41,6 +41,28 @@ def test_stream_interval_groups_the_tokens_after_the_first(stage_pair, interval,
     assert decoder.num_running == 0
 
 
+def test_a_stream_closed_while_its_message_fills_frees_the_slot(stage_pair):
+    """The caller goes away (Serve closes the generator) while decode is still collecting the
+    next stream_interval tokens: the sequence leaves the batch at the next step."""
+    decoder, handoff = stage_pair
+
+    async def scenario():
+        scheduler = DecodeScheduler(decoder, (), max_waiting=4, stream_interval=8)
+        stream = scheduler.generate(handoff, SamplingParams(max_new_tokens=200))
+        first = await stream.__anext__()
+        await asyncio.sleep(0.05)  # a few steps in: the next message is filling
+        running_before = decoder.num_running
+        await stream.aclose()
+        for _ in range(100):
+            if decoder.num_running == 0:
+                break
+            await asyncio.sleep(0.01)
+        return first, running_before, decoder.num_running, scheduler.steps
+
+    first, running_before, running_after, steps = asyncio.run(scenario())
+    assert len(first) == 1 and running_before == 1 and running_after == 0
+    assert steps < 200  # it did not run to max_new_tokens
+
 def test_detokenizer_takes_a_message_up_to_its_stop_string(qwen_dir):
     """feed_message turns a message of several tokens into text: all of it without a stop, the
     text before the stop string (and the tokens up to the one that completed it) with one."""
