@@ -219,7 +219,7 @@ async def bench(args) -> dict:
     return {"model": str(model), "build_s": build_s, "load_s": engine.load_s, "results": results,
             "handoff_host_round_trip": trip, "compute_dtype": str(dec.dtype).split(".")[-1],
             "layers": dec.family.num_layers, "skipped": engine.prefill["POP"].runner.k,
-            "params": sum(p.numel() for p in dec.text.parameters()) + dec.lm_head.weight.numel(),
+            "params": sum(p.numel() for m in (dec.layers, dec.text) for p in m.parameters()) + dec.lm_head.weight.numel(),
             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0}
 
 

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch import nn
 
+from .decode_layer import DecodeLayer
 from .families.base import get_module
 from .kv import KVHandoff, pop_fingerprint
 from .loading import fast_cpu_linears, load_checkpoint, param_bytes, release
@@ -50,8 +52,8 @@ class StepOutput:
 
 
 class _SlotCache:
-    """Stands in for a transformers Cache during a decode step: writes each sequence's new K/V
-    at its own cache index and returns views of the pool up to the step's width."""
+    """The decode step's KV store: writes each sequence's new K/V at its own cache index and
+    returns views of the pool up to the step's width (the transformers Cache interface)."""
 
     def __init__(self, pool: torch.Tensor):
         self.pool = pool
@@ -77,8 +79,15 @@ class FullDecoder:
         self.text = get_module(loaded.model, fam.text_path).to(self.device)
         self.lm_head = loaded.model.lm_head.to(self.device)
         release(loaded)
+        # Steps run lean layers on the text model's own modules (models/decode_layer.py); each
+        # transformers layer goes as soon as its DecodeLayer holds the fused copies it needs.
+        self.layers = nn.ModuleList()
+        for i, layer in enumerate(self.text.layers):
+            self.layers.append(DecodeLayer(layer, fam))
+            self.text.layers[i] = nn.Identity()
+        self.text.layers = None
         if self.device.type == "cpu":
-            self.text, self.lm_head = fast_cpu_linears(self.text, self.lm_head)
+            self.layers, self.text, self.lm_head = fast_cpu_linears(self.layers, self.text, self.lm_head)
         self.max_seqs, self.max_seq_len = max_seqs, max_seq_len
         self.pool = torch.zeros(fam.num_layers, 2, max_seqs, fam.num_kv_heads, max_seq_len, fam.head_dim,
                                 dtype=self.dtype, device=self.device)
@@ -88,7 +97,7 @@ class FullDecoder:
 
     # ---- bookkeeping -----------------------------------------------------------------------
     def param_bytes(self) -> int:
-        return param_bytes(self.text, self.lm_head)
+        return param_bytes(self.layers, self.text, self.lm_head)
 
     @property
     def kv_pool_bytes(self) -> int:
@@ -152,9 +161,9 @@ class FullDecoder:
         width = int(index.max()) + 1
         masks = decode_masks(fam, index, width)
         self._cache.rows, self._cache.index, self._cache.width = torch.arange(len(seqs), device=dev), index, width
-        for i, layer in enumerate(text.layers):
+        for i, layer in enumerate(self.layers):
             t = fam.layer_types[i]
-            hidden = layer(hidden, position_embeddings=pe[t], attention_mask=masks[t], cache=self._cache)
+            hidden = layer(hidden, *pe[t], masks[t], self._cache, i)
         logits = self.lm_head(text.norm(hidden[:, -1])).float()
         chosen = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
 

@@ -87,3 +87,14 @@ def test_cpu_layouts_compares_packed_and_unpacked_runners(qwen_dir, tmp_path):
         "| decode step, batch 1, context 24, 1 thread(s)", "| decode step, batch 3, context 24, 1 thread(s)",
         "| decode step, batch 1, context 40, 1 thread(s)", "| decode step, batch 3, context 40, 1 thread(s)"]
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+
+
+def test_decode_layers_bench_times_both_layer_kinds_and_finds_equal_logits(tiny_dir, tmp_path):
+    import decode_layers
+
+    out = tmp_path / "decode-layers.md"
+    decode_layers.main(["--model", str(tiny_dir), "--batches", "1,3", "--context", "20", "--steps", "2",
+                        "--out", str(out)])
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line[:3] in ("| 1", "| 3")]
+    assert [r[0] for r in rows] == ["| 1", "| 3"]
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 and r[4] == "yes |" for r in rows)

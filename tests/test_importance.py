@@ -154,7 +154,7 @@ def test_prefill_gate_zero_is_pops_skipped_layer_path(tiny_dir, ratio):
 
 
 class _Identity(nn.Module):
-    def forward(self, hidden, **kwargs):
+    def forward(self, hidden, *args, **kwargs):
         return hidden
 
 
@@ -167,12 +167,12 @@ def test_decode_gate_zero_is_the_layer_removed_from_decode(tiny_dir):
     handoff = pre.prefill([PrefillRequest(pr.input_ids, pr.mm_token_type_ids, p.images)])[0]
     forced = [11, 300, 42, 7, 512, 9]
     full = _decode_logits(dec, handoff, forced)
-    kept = dec.text.layers[layer]
-    dec.text.layers[layer] = _Identity()  # layer 2 gone from decode (t_N onward); prefill intact
+    kept = dec.layers[layer]
+    dec.layers[layer] = _Identity()  # layer 2 gone from decode (t_N onward); prefill intact
     try:
         removed = _decode_logits(dec, handoff, forced)
     finally:
-        dec.text.layers[layer] = kept
+        dec.layers[layer] = kept
     gates = Gates.ones(L)
     gates.dec[layer] = 0
     got = lm.run(p, gates, forced=forced, generate=False).forced_logits

@@ -410,3 +410,28 @@ def test_boundary_step_uses_full_model(stack, perturbed):
         assert step.finish_reason == "length" and dec.num_running == 0
         logits.append(seen[0][0])
     assert not torch.allclose(logits[0], logits[1], atol=1e-3)
+
+
+# ---- 4. the decoder's lean layers ------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lean_decode_layers_equal_transformers_layers(tiny_dir, dtype):
+    """FullDecoder's DecodeLayers (fused q/k/v and gate/up, SDPA called directly) give the logits of
+    the checkpoint's own transformers layers bit for bit, step after step, two sequences at once."""
+    from popserve.models.decode_layer import transformers_layers
+
+    prompt = PromptBuilder(tiny_dir).build(*CASES["long_text"])
+    handoff = PrunedPrefill(tiny_dir, pop_ratio=POP, dtype=dtype).prefill(
+        [PrefillRequest(prompt.input_ids, prompt.mm_token_type_ids)])[0]
+    dec = FullDecoder(tiny_dir, pop_ratio=POP, dtype=dtype, max_seqs=2, max_seq_len=256)
+    seen, handle = capture_first_logits(dec)
+    try:
+        lean = dec.generate([handoff, handoff], SamplingParams(max_new_tokens=NEW))
+        lean_logits = list(seen)
+        seen.clear()
+        dec.layers = transformers_layers(tiny_dir, dec.family, dec.dtype, dec.device)
+        reference = dec.generate([handoff, handoff], SamplingParams(max_new_tokens=NEW))
+    finally:
+        handle.remove()
+    assert lean == reference and len(lean[0]) == NEW
+    assert len(lean_logits) == len(seen) == NEW
+    assert all(torch.equal(a, b) for a, b in zip(lean_logits, seen))

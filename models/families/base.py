@@ -47,6 +47,8 @@ class Family:
     text_path: ClassVar[str] = "model.language_model"
     vision_paths: ClassVar[tuple[str, ...]]
     apply_rope: ClassVar[Callable]  # the family's apply_rotary_pos_emb from its HF modeling file
+    # Gemma-3's layers also normalize the attention and MLP outputs (models/decode_layer.py).
+    sandwich_norms: ClassVar[bool] = False
 
     def __init__(self, config):
         self.config = config

@@ -14,6 +14,7 @@ class Gemma3Family(Family):
     model_type = "gemma3"
     vision_paths = ("model.vision_tower", "model.multi_modal_projector")
     apply_rope = staticmethod(hf.apply_rotary_pos_emb)
+    sandwich_norms = True
 
     @staticmethod
     def model_class():
