@@ -19,12 +19,13 @@ from .families import Family
 def fused_linear(*linears: nn.Linear) -> nn.Linear:
     """One Linear whose output is the given Linears' outputs side by side (they share the input)."""
     weight = torch.cat([lin.weight.detach() for lin in linears], 0)
-    biases = [lin.bias for lin in linears]
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=biases[0] is not None,
-                      dtype=weight.dtype, device=weight.device)
+    has_bias = {lin.bias is not None for lin in linears}
+    if len(has_bias) > 1:
+        raise ValueError("cannot fuse Linears with and without bias")
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias.pop(), device="meta")  # no init
     fused.weight = nn.Parameter(weight, requires_grad=False)
     if fused.bias is not None:
-        fused.bias = nn.Parameter(torch.cat([b.detach() for b in biases], 0), requires_grad=False)
+        fused.bias = nn.Parameter(torch.cat([lin.bias.detach() for lin in linears], 0), requires_grad=False)
     return fused
 
 
@@ -32,6 +33,8 @@ class DecodeLayer(nn.Module):
     def __init__(self, layer: nn.Module, family: Family):
         super().__init__()
         attn, mlp = layer.self_attn, layer.mlp
+        if getattr(attn, "attn_logit_softcapping", None):  # not in Qwen3-VL or Gemma-3; SDPA has no softcap
+            raise ValueError("attention logit soft-capping is not supported")
         self.num_heads = attn.config.num_attention_heads
         self.num_kv_heads, self.head_dim = family.num_kv_heads, family.head_dim
         self.scaling, self.apply_rope = attn.scaling, family.apply_rope
