@@ -355,7 +355,7 @@ class Ingress:
         reason, count = None, 0
         try:
             async for items in tokens:
-                text, used, reason = detok.feed_message(items)
+                _, used, reason = detok.feed_message(items)  # the text accumulates in detok.text
                 count += used
                 if reason:
                     break
