@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .families import Family
+from .families.base import get_module
+from .loading import fast_cpu_linears
 
 
 def fused_linear(*linears: nn.Linear) -> nn.Linear:
@@ -93,9 +95,6 @@ class TransformersLayer(nn.Module):
 def transformers_layers(model_dir, family: Family, dtype: torch.dtype, device) -> nn.ModuleList:
     """The checkpoint's layers, loaded afresh and laid out like the decoder's on CPU (float32
     row- and column-major matmuls round differently), wrapped as TransformersLayer."""
-    from .families.base import get_module
-    from .loading import fast_cpu_linears
-
     model = family.model_class().from_pretrained(model_dir, dtype=dtype).to(device).eval()
     layers = get_module(model, family.text_path).layers
     if torch.device(device).type == "cpu":
