@@ -140,6 +140,21 @@ def chat_body(model: str, text: str, image_url: Optional[str], max_tokens: int, 
             "temperature": 0, **(extra or {})}
 
 
+def bodies_for(workload: str, name: str, tok, n: int, seed0: int, max_tokens: int, extra: dict | None = None) -> list[dict]:
+    """n unique requests of a workload: "text<N>" (an N-token prompt) or "image<S>" (an SxS noise
+    image and a short question), seeds seed0.."""
+    out = []
+    for i in range(n):
+        seed = seed0 + i
+        if workload.startswith("text"):
+            out.append(chat_body(name, text_prompt(tok, int(workload[4:]), seed), None, max_tokens, extra))
+        else:
+            side = int(workload[5:])
+            out.append(chat_body(name, "What is in this image? Answer briefly in a few words please.",
+                                 noise_image_url(side, seed), max_tokens, extra))
+    return out
+
+
 def results_tables(results: dict, ours: str) -> str:
     """Markdown: one row per (label, workload, clients) run, then `ours` against every other label."""
     lines = ["| server | workload | clients | TTFT p50 / p90 / p99 (ms) | TPOT p50 (ms) | ITL p50 / p90 / p99 (ms) | "

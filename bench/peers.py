@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import chat_body, noise_image_url, results_tables, run_load, text_prompt  # noqa: E402
+from loadgen import bodies_for, results_tables, run_load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -56,19 +56,6 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(60)
     except (subprocess.TimeoutExpired, ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-
-
-def bodies_for(workload: str, name: str, tok, n: int, seed0: int, max_tokens: int, extra: dict) -> list[dict]:
-    out = []
-    for i in range(n):
-        seed = seed0 + i
-        if workload.startswith("text"):
-            out.append(chat_body(name, text_prompt(tok, int(workload[4:]), seed), None, max_tokens, extra))
-        else:
-            side = int(workload[5:])
-            out.append(chat_body(name, "What is in this image? Answer briefly in a few words please.",
-                                 noise_image_url(side, seed), max_tokens, extra))
-    return out
 
 
 def drive(url: str, name: str, tok, args, extra: dict, label: str, results: dict) -> None:

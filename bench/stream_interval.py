@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import chat_body, noise_image_url, run_load, text_prompt, write_report  # noqa: E402
+from loadgen import bodies_for, run_load, write_report  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROCESSES = {"Decode": "ServeReplica:popserve:Decode", "Ingress": "ServeReplica:popserve:Ingress",
@@ -48,16 +48,10 @@ def run_arm(model: str, interval: int, port: int, tok, seed: int, max_tokens: in
     url, name = f"http://127.0.0.1:{port}/v1/chat/completions", cfg.model_name()
     out = {}
     try:
-        asyncio.run(run_load(url, [chat_body(name, text_prompt(tok, 64, -i), None, 4) for i in range(3)], 1))
+        asyncio.run(run_load(url, bodies_for("text64", name, tok, 3, -1000, 4), 1))  # warm-up
         for workload, clients, n in LOADS:
-            bodies = []
-            for i in range(n):
-                seed += 1
-                if workload.startswith("image"):
-                    bodies.append(chat_body(name, "What is shown in this picture?",
-                                            noise_image_url(int(workload[5:]), seed), max_tokens))
-                else:
-                    bodies.append(chat_body(name, text_prompt(tok, int(workload[4:]), seed), None, max_tokens))
+            bodies = bodies_for(workload, name, tok, n, seed, max_tokens)
+            seed += n
             before = cpu_seconds()
             res = asyncio.run(run_load(url, bodies, clients))
             after = cpu_seconds()

@@ -37,10 +37,11 @@ class DecodeLayer(nn.Module):
         attn, mlp = layer.self_attn, layer.mlp
         if getattr(attn, "attn_logit_softcapping", None):  # not in Qwen3-VL or Gemma-3; SDPA has no softcap
             raise ValueError("attention logit soft-capping is not supported")
-        self.num_heads = attn.config.num_attention_heads
+        num_heads = attn.config.num_attention_heads
         self.num_kv_heads, self.head_dim = family.num_kv_heads, family.head_dim
+        self.groups = num_heads // self.num_kv_heads  # query heads per KV head
         self.scaling, self.apply_rope = attn.scaling, family.apply_rope
-        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, kv = num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_split = (q, kv, kv)
         self.qkv = fused_linear(attn.q_proj, attn.k_proj, attn.v_proj)
         self.q_norm, self.k_norm, self.o_proj = attn.q_norm, attn.k_norm, attn.o_proj
@@ -66,8 +67,7 @@ class DecodeLayer(nn.Module):
         q, k = self.apply_rope(q, k, cos, sin)
         keys, values = cache.update(k, v, layer_idx)
         # Grouped-query attention with one query token: the heads of a KV group become its queries.
-        groups = self.num_heads // self.num_kv_heads
-        out = F.scaled_dot_product_attention(q.reshape(batch, self.num_kv_heads, groups, hd), keys, values,
+        out = F.scaled_dot_product_attention(q.reshape(batch, self.num_kv_heads, self.groups, hd), keys, values,
                                              attn_mask=mask, scale=self.scaling)
         out = self.o_proj(out.reshape(batch, 1, -1))
         if self.attn_out_norm is not None:
