@@ -98,3 +98,22 @@ def test_decode_layers_bench_times_both_layer_kinds_and_finds_equal_logits(tiny_
     rows = [line.split(" | ") for line in out.read_text().splitlines() if line[:3] in ("| 1", "| 3")]
     assert [r[0] for r in rows] == ["| 1", "| 3"]
     assert all(float(r[1]) > 0 and float(r[2]) > 0 and r[4] == "yes |" for r in rows)
+
+
+def test_config_ab_arms_are_validated_serve_configs():
+    """bench/config_ab.py: an arm's dotted settings become nested ServeConfig overrides (JSON
+    values), merged over the bench base without dropping its siblings; a misspelt one is refused."""
+    import config_ab
+    from pydantic import ValidationError
+
+    from popserve.service.config import ServeConfig
+
+    arm = config_ab.parse_arm("engine.stream_interval=4, encoder.omp_spin_count=3000,dtype=bfloat16")
+    assert arm == {"engine": {"stream_interval": 4}, "encoder": {"omp_spin_count": 3000}, "dtype": "bfloat16"}
+    assert config_ab.parse_arm("") == {}
+    cfg = ServeConfig.model_validate(config_ab.merged({**config_ab.BASE, "model": "m"}, arm))
+    assert (cfg.engine.stream_interval, cfg.engine.max_seq_len) == (4, config_ab.BASE["engine"]["max_seq_len"])
+    assert (cfg.encoder.omp_spin_count, cfg.prefill.omp_spin_count, cfg.dtype) == (3000, None, "bfloat16")
+    with pytest.raises(ValidationError):
+        ServeConfig.model_validate(config_ab.merged({"model": "m"}, config_ab.parse_arm("engine.stream_intervl=4")))
+    assert config_ab.parse_loads("image448:8:20,text64:1:10") == [("image448", 8, 20), ("text64", 1, 10)]

@@ -146,6 +146,23 @@ def test_stream_interval_sends_several_tokens_per_event(servers):
     assert len(events) <= 1 + -(-(n - 1) // interval), [e["choices"][0]["delta"]["content"] for e in events]
 
 
+def test_omp_spin_count_reaches_only_its_stage(servers):
+    """encoder.omp_spin_count (gemma3's test server: 1000) becomes the encoder replica's libgomp
+    spin count in place of passive waiting; the other stages keep passive waiting. (That its image
+    answers are unchanged is test_http_greedy_matches_stage_runners on the same server.)"""
+    from ray import serve
+
+    from popserve_testing import ENCODER_OMP_SPIN
+
+    server = servers["gemma3"]
+    for stage in ("VisionEncoder", "Prefill", "Decode"):
+        info = serve.get_deployment_handle(stage, app_name=server.app_name).stats.remote().result()
+        if stage == "VisionEncoder":
+            assert (info["omp_spin_count"], info["omp_wait_policy"]) == (str(ENCODER_OMP_SPIN["gemma3"]), None), info
+        else:
+            assert (info["omp_spin_count"], info["omp_wait_policy"]) == (None, "PASSIVE"), (stage, info)
+
+
 def test_pop_switch_changes_the_computation(servers, references):
     """POP on and off are really different prefill paths (random weights: outputs diverge)."""
     server = servers["gemma3"]

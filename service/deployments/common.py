@@ -23,7 +23,7 @@ def replica_info() -> dict:
     import torch
 
     return {"pid": os.getpid(), "torch_threads": torch.get_num_threads(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "omp_spin_count": os.environ.get("GOMP_SPINCOUNT"),
             "malloc_trim_threshold": os.environ.get("MALLOC_TRIM_THRESHOLD_")}
 
 
@@ -38,7 +38,9 @@ def deployment_options(name: str, s: DeploymentSettings, cfg: ServeConfig) -> di
     # Stages share the node's cores. OpenMP's default spin-waiting makes replicas that run at once
     # steal each other's cores: measured on 2 cores, a decode step took 2.2 s instead of 0.2 s
     # next to a running prefill. Passive waiting yields the core (docs/performance.md).
-    env = {"TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE", **MALLOC_ENV}
+    # omp_spin_count: libgomp spins that long at a barrier, then sleeps (no wait policy set).
+    omp = {"OMP_WAIT_POLICY": "PASSIVE"} if s.omp_spin_count is None else {"GOMP_SPINCOUNT": str(s.omp_spin_count)}
+    env = {"TOKENIZERS_PARALLELISM": "false", **omp, **MALLOC_ENV}
     if cfg.zero_copy_tensors:
         # Map torch tensors straight out of Ray's shared-memory store instead of copying them.
         env["RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"] = "1"
