@@ -111,15 +111,15 @@ def report(runs: dict[str, list[dict]], loads, header: str) -> str:
              + " | ".join(f"{k} CPU ms / token" for k in PROCESSES) + " |",
              "|---|---|---:|---:|---:|---:|" + "---:|" * len(PROCESSES)]
     for workload, clients, _ in loads:
-        load = (workload, clients)
+        load, who = (workload, clients), f"{workload}, {clients} client{'s' if clients > 1 else ''}"
         for arm in arms:
-            lines.append(f"| {workload}, {clients} clients | {name(arm)} | {med(arm, load, 'out_tok_s'):.1f} | "
+            lines.append(f"| {who} | {name(arm)} | {med(arm, load, 'out_tok_s'):.1f} | "
                          f"{med(arm, load, 'ttft_p50')*1000:.0f} | {med(arm, load, 'tpot_p50')*1000:.1f} | "
                          f"{med(arm, load, 'itl_p50')*1000:.1f} / {med(arm, load, 'itl_p90')*1000:.1f} | "
                          + " | ".join(f"{med(arm, load, 'cpu_ms_per_token', k):.2f}" for k in PROCESSES) + " |")
         for arm in arms[1:]:
             ratio = lambda key, sub=None: med(arm, load, key, sub) / max(1e-9, med(arms[0], load, key, sub))  # noqa: E731
-            lines.append(f"| {workload}, {clients} clients | {name(arm)} / {name(arms[0])} | {ratio('out_tok_s'):.2f}x | "
+            lines.append(f"| {who} | {name(arm)} / {name(arms[0])} | {ratio('out_tok_s'):.2f}x | "
                          f"{ratio('ttft_p50'):.2f}x | {ratio('tpot_p50'):.2f}x | | "
                          + " | ".join(f"{ratio('cpu_ms_per_token', k):.2f}x" for k in PROCESSES) + " |")
     return "\n".join(lines)

@@ -46,8 +46,8 @@ class DeploymentSettings(_Strict):
     # How the replica's OpenMP threads wait between parallel regions. None: passive (they sleep at
     # once and yield the core to other stages). N: they spin N iterations first (libgomp's
     # GOMP_SPINCOUNT, about 50 ns each on the bench host), which saves the wake-up of every
-    # region: on 2 cores 3000 cut a 448x448 image's TTFT at one client by ~10% and cost ~10%
-    # throughput at 16 clients (docs/performance.md). For latency-bound, lightly loaded replicas.
+    # region: on 2 cores 3000 cut a 448x448 image's TTFT at one client by 5-10% and cost 5-10% of
+    # the throughput at 16 clients (docs/performance.md). For latency-bound, lightly loaded replicas.
     omp_spin_count: Optional[int] = Field(None, ge=0, le=10**8)
 
 
