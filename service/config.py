@@ -96,7 +96,8 @@ class ServeConfig(_Strict):
     api_keys: list[str] = Field(default_factory=list)
     protect_metrics: bool = False  # /health stays open for probes; /metrics optionally keyed
     encoder_cache_bytes: int = Field(256 * 2**20, ge=0)
-    # Zero-copy reads of torch tensors from Ray's shared-memory object store (CPU path).
+    # Zero-copy reads of torch tensors from Ray's shared-memory object store (CPU path): off, a
+    # 2048-token handoff is pickled and copied on both sides; TTFT 1.15x (bench/results/zero-copy.md).
     zero_copy_tensors: bool = True
     # A second prefill deployment at ratio 0 serves requests with "pop": false (A/B checks).
     pop_off_prefill: bool = True
