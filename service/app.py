@@ -26,6 +26,6 @@ def build_app(args: Union[ServeConfig, dict, None] = None) -> serve.Application:
             c, 0.0, "prefill_full")
     elif cfg.pop_ratio == 0:
         prefill_full = prefill  # POP is off anyway: the same replicas serve "pop": false
-    decode = DecodeStage.options(**deployment_options("Decode", cfg.decode, cfg)).bind(c)
+    decode = DecodeStage.options(**deployment_options("Decode", cfg.decode, cfg)).bind(c, prefill, prefill_full)
     return Ingress.options(**deployment_options("Ingress", cfg.ingress, cfg)).bind(
         c, encoder, prefill, prefill_full, decode)

@@ -52,6 +52,13 @@ class Overloaded(ServeError):
         super().__init__(message, param, code, retry_after)
 
 
+# A stage replica that dies before the first token: the call is made again (every stage call is
+# idempotent) up to this many times, after RETRY_BACKOFF_S x the attempt number, so that the
+# router can drop the dead replica. The Ingress relaunches the request; Decode re-asks Prefill.
+REPLICA_RETRIES = 2
+RETRY_BACKOFF_S = 0.25
+
+
 class StageFailed(ServeError):
     """A stage replica died or timed out mid-request."""
 

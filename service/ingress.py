@@ -24,7 +24,8 @@ from popserve.models.prompt import PromptBuilder
 
 from .config import ServeConfig
 from .engine.detokenize import Detokenizer
-from .errors import BadRequest, NotFound, PayloadTooLarge, ServeError, StageFailed, Unauthorized, from_exception
+from .errors import (REPLICA_RETRIES, RETRY_BACKOFF_S, BadRequest, NotFound, PayloadTooLarge, ServeError, StageFailed,
+                     Unauthorized, from_exception)
 from .media import load_image
 from .metrics import Metrics
 from .protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta,
@@ -36,10 +37,6 @@ app = FastAPI(title="popserve", description="OpenAI-compatible chat completions 
 # Temperatures this small sample like greedy anyway, but logits / t overflows float32 to inf and
 # the softmax to NaN, which would fail the sampler and with it every sequence of the decode batch.
 MIN_SAMPLING_TEMPERATURE = 1e-3
-# A stage replica that dies before the first token: the request is relaunched up to this many
-# times, after RETRY_BACKOFF_S x the attempt number (so the router can drop the dead replica).
-REPLICA_RETRIES = 2
-RETRY_BACKOFF_S = 0.25
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -270,14 +267,14 @@ class Ingress:
         return {"prompt": prompt, "digests": [i.digest for i in images], "params": params}
 
     def _launch(self, req: ChatCompletionRequest, prepared: dict):
-        """Wire the stages by reference; nothing big comes back through this process."""
+        """Wire the stages by reference; nothing big comes back through this process. Decode
+        asks Prefill for the KV itself (so that it can free the handoff once it holds the KV)."""
         prompt = prepared["prompt"]
         features = None
         if prompt.pixels:
             features = self.encoder.encode.remote(list(zip(prepared["digests"], prompt.pixels)))
-        prefill = self.prefill if req.pop else self.prefill_full
-        handoff = prefill.prefill.remote(prompt.input_ids, prompt.mm_token_type_ids, features)
-        return self.decode.options(stream=True).generate.remote(handoff, prepared["params"])
+        return self.decode.options(stream=True).generate.remote(
+            prompt.input_ids, prompt.mm_token_type_ids, features, prepared["params"], req.pop)
 
     async def _start(self, req, prepared, rid, t0) -> AsyncIterator[list[tuple[int, Optional[str]]]]:
         """Launch the stages and wait for the first token before answering, so that whatever fails

@@ -38,7 +38,9 @@ def lim(ray_cluster, qwen_dir):
         ingress={"max_ongoing_requests": 128, "max_queued_requests": 128},
         encoder={"max_ongoing_requests": 8, "max_queued_requests": 8},
         prefill={"num_replicas": 2, "max_ongoing_requests": 4, "max_queued_requests": 4},
-        decode={"max_ongoing_requests": 6, "max_queued_requests": 2})
+        # Serve's queue counts requests still being assigned: 4 (a burst of the replica-kill tests)
+        # arriving within milliseconds must not be dropped before decode has accepted the first.
+        decode={"max_ongoing_requests": 6, "max_queued_requests": 4})
     app = App(APP, deploy(ray_cluster, APP, cfg), cfg.model_name(), headers=AUTH)
     yield app
     serve.delete(APP)

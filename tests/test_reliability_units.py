@@ -503,3 +503,38 @@ def test_every_stage_queue_is_bounded_and_says_when_to_retry():
         assert 0 < opts["max_queued_requests"] <= 1024 and opts["max_ongoing_requests"] >= 1, (name, opts)
         assert opts["backpressure_config"]["retry_after_s"] >= 1, (name, opts)
     assert 0 < cfg.engine.max_waiting <= 1024 and cfg.engine.max_running_seqs >= 1
+
+
+def test_decode_counts_requests_in_prefill_and_turns_them_away_before_prefilling():
+    """Decode asks for a request's prefill itself: a request whose KV is still being prefilled holds
+    a place in decode's bound, and a request that finds decode full is refused before its prefill
+    starts (no prefill work for a request that would get a 503 anyway)."""
+    from popserve.models.sampling import SamplingParams
+    from popserve.service.engine.scheduler import DecodeScheduler
+
+    async def scenario():
+        sched = DecodeScheduler(_FakeDecoder(max_seqs=2), (), max_waiting=2)
+        started, gate = 0, asyncio.Event()
+
+        async def prefill():
+            nonlocal started
+            started += 1
+            await gate.wait()
+            return _FakeHandoff()
+
+        async def one():
+            try:
+                return [t async for items in sched.generate(prefill(), SamplingParams(max_new_tokens=3)) for t in items]
+            except Overloaded:
+                return "rejected"
+
+        tasks = [asyncio.create_task(one()) for _ in range(10)]
+        await asyncio.sleep(0.05)  # every request has asked; the accepted ones wait on their prefill
+        in_prefill = sched.stats()["prefilling"]
+        gate.set()
+        return await asyncio.gather(*tasks), started, in_prefill, sched.stats()
+
+    results, started, in_prefill, stats = asyncio.run(scenario())
+    assert results.count("rejected") == 6 and started == 4 and in_prefill == 4, (results, started, in_prefill)
+    assert all(len(r) == 3 for r in results if r != "rejected")
+    assert stats["prefilling"] == 0 and stats["waiting"] == 0 and stats["running"] == 0

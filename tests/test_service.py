@@ -200,6 +200,61 @@ def test_zero_copy_tensors_maps_a_handoff_from_the_store(ray_cluster, zero_copy)
     assert ("/dev/shm/plasma" in mapping) is zero_copy, mapping
 
 
+def _plasma_needed_bytes() -> float:
+    """Bytes of Ray's object store that are still referenced (pinned), as `ray memory --stats-only`
+    reports them; freed objects can linger in the store for a second but are no longer "needed"."""
+    import re
+
+    import ray
+    from ray._private.internal_api import memory_summary
+
+    pct = re.search(r"Plasma memory usage .*?([\d.]+)% needed", memory_summary(stats_only=True)).group(1)
+    return float(pct) / 100 * ray.cluster_resources()["object_store_memory"]
+
+
+def test_kv_handoff_leaves_the_object_store_once_decode_holds_it(servers):
+    """A KV handoff lives in Ray's store only until decode has copied it into its pool: while six
+    long-prompt requests are still streaming, the store needs less than two of their handoffs.
+    (Handed to decode as an argument of its stream, each handoff stayed pinned until the stream's
+    last token: a second copy of every running prompt's KV.)"""
+    from ray import serve
+
+    server = servers["qwen3-vl"]
+    decode = serve.get_deployment_handle("Decode", app_name=server.app_name)
+    text = " ".join(f"w{i}" for i in range(200))  # ~740 prompt tokens (a ~1 MiB handoff): with 200 new, inside max_seq_len
+    n = 6
+    before = decode.stats.remote().result()
+    baseline = _plasma_needed_bytes()
+
+    async def scenario():
+        body = {"model": server.model_name, "messages": [{"role": "user", "content": text}],
+                "max_tokens": 200, "temperature": 1.0, "seed": 0, "stream": True}
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
+            streams = [client.stream("POST", "/v1/chat/completions", json={**body, "seed": i}) for i in range(n)]
+            responses = [await s.__aenter__() for s in streams]
+            for r in responses:
+                assert r.status_code == 200, (await r.aread()).decode()
+            lines = [r.aiter_lines() for r in responses]
+            for it in lines:  # every request has its first token: its KV is in decode's pool
+                while not (await it.__anext__()).startswith("data: {"):
+                    pass
+            held = _plasma_needed_bytes()
+            running = (await decode.stats.remote())["running"]
+            for it in lines:
+                async for _ in it:
+                    pass
+            for s in streams:
+                await s.__aexit__(None, None, None)
+            return held, running
+
+    held, running = asyncio.run(scenario())
+    after = decode.stats.remote().result()
+    handoff = (after["handoff_bytes"] - before["handoff_bytes"]) / n
+    assert after["handoffs"] - before["handoffs"] == n and handoff >= 2**20, (before, after)
+    assert running >= n // 2, "the streams ended before the store was read; make them longer"
+    assert held - baseline < 2 * handoff, (held, baseline, handoff)  # pinned, it was >= n handoffs
+
+
 def test_pop_switch_changes_the_computation(servers, references):
     """POP on and off are really different prefill paths (random weights: outputs diverge)."""
     server = servers["gemma3"]
@@ -257,20 +312,35 @@ def test_concurrent_requests_match_solo(servers):
                 return r.json()["choices"][0]["message"]["content"]
             return await asyncio.gather(*(one(*r) for r in reqs))
 
-    from ray import serve
-
-    prefill = serve.get_deployment_handle("Prefill", app_name=server.app_name)
-    before = prefill.stats.remote().result()
     together = asyncio.run(run_all())
     assert together == solo
     assert len(set(solo)) > 8  # the requests really differ
-    # Prefill batches are limited by prompt tokens, not by count: the 16 prompts (about 1300
-    # tokens) needed several batches, and each stayed within the budget.
+
+
+def test_prefill_batches_are_limited_by_prompt_tokens(servers):
+    """16 text prompts (about 1300 tokens) sent to the Prefill deployment at once (as decode
+    replicas send them) go in several batches, none over the token budget, some of several prompts."""
+    from ray import serve
+
+    server = servers["qwen3-vl"]
+    builder = PromptBuilder(server.model_dir)
+    prompts = [builder.build([{"role": "user", "content": " ".join(["word"] * (3 + 7 * i)) + f" question {i}"}])
+               for i in range(16)]
+    tokens = sum(p.num_tokens for p in prompts)
+    prefill = serve.get_deployment_handle("Prefill", app_name=server.app_name)
+    before = prefill.stats.remote().result()
+
+    async def burst():
+        return await asyncio.gather(*(prefill.prefill.remote(p.input_ids, None, None) for p in prompts))
+
+    handoffs = asyncio.run(burst())
+    assert [h.prompt_tokens for h in handoffs] == [p.num_tokens for p in prompts]
     stats = prefill.stats.remote().result()
     budget = stats["batch_token_budget"]
-    assert budget == 256
-    assert stats["batches"] - before["batches"] >= 1300 // budget
-    assert 0 < stats["largest_batch_tokens"] <= budget and stats["largest_batch_prompts"] >= 2
+    assert budget == 256 and tokens > 1000 and stats["prompts"] - before["prompts"] == len(prompts)
+    batches = stats["batches"] - before["batches"]
+    assert tokens // budget <= batches < len(prompts)  # several batches, some of several prompts
+    assert 0 < stats["largest_batch_tokens"] <= budget
 
 
 def test_stages_are_separate_actors_and_prefill_is_pruned(servers):

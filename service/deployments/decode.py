@@ -1,24 +1,29 @@
 """Decode deployment: full-depth model, continuous batching, tokens streamed back."""
 from __future__ import annotations
 
-from typing import AsyncIterator
+import asyncio
+from typing import AsyncIterator, Optional
 
+import torch
 from ray import serve
 
 from popserve.models.decoder import FullDecoder
+from popserve.models.families.base import ImageFeatures
 from popserve.models.kv import KVHandoff
 from popserve.models.prompt import PromptBuilder
 from popserve.models.sampling import SamplingParams
 
 from ..config import ServeConfig
 from ..engine.scheduler import DecodeScheduler
-from .common import replica_info, setup_replica
+from ..errors import REPLICA_RETRIES, RETRY_BACKOFF_S, from_exception
+from .common import logger, replica_info, setup_replica
 
 
 @serve.deployment
 class DecodeStage:
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, prefill, prefill_full=None):
         self.cfg = ServeConfig.model_validate(cfg)
+        self.prefill = {True: prefill, False: prefill_full}  # by the request's "pop"
         setup_replica(self.cfg, self.cfg.decode)
         eng = self.cfg.engine
         decoder = FullDecoder(self.cfg.model, self.cfg.pop_ratio, self.cfg.dtype, self.cfg.device,
@@ -26,9 +31,29 @@ class DecodeStage:
         stop_ids = PromptBuilder(self.cfg.model).eos_token_ids
         self.scheduler = DecodeScheduler(decoder, stop_ids, eng.max_waiting, eng.stream_interval)
 
-    async def generate(self, handoff: KVHandoff, params: dict) -> AsyncIterator[list]:
+    async def generate(self, input_ids: torch.Tensor, mm_token_type_ids: Optional[torch.Tensor],
+                       features: Optional[list[ImageFeatures]], params: dict, pop: bool = True) -> AsyncIterator[list]:
+        # Decode asks for the prefill itself, so that the KV handoff is this replica's object in
+        # Ray's store and is freed as soon as the KV is in the pool. Handed in by the Ingress, it
+        # would stay pinned as an argument of this stream until its last token: a second copy of
+        # every running prompt's KV in the store (tests/test_service.py, the handoff's lifetime).
+        handoff = self._prefill(pop, input_ids, mm_token_type_ids, features)  # awaited by the scheduler
         async for items in self.scheduler.generate(handoff, SamplingParams(**params)):
             yield items
+
+    async def _prefill(self, pop: bool, *args) -> KVHandoff:
+        """The request's KV handoff. A prefill replica that dies is asked again (on another replica)
+        here, so the request keeps its place in decode instead of being relaunched whole."""
+        for attempt in range(1 + REPLICA_RETRIES):
+            try:
+                return await self.prefill[pop].prefill.remote(*args)
+            except Exception as exc:
+                if attempt == REPLICA_RETRIES or from_exception(exc).code != "replica_failed":
+                    raise
+                logger.warning("prefill replica failed (%s); asking again, %d of %d", type(exc).__name__,
+                               attempt + 1, REPLICA_RETRIES)
+                await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def stats(self) -> dict:  # "pid": operators (and tests) can tell replicas apart
         return {**self.scheduler.stats(), "param_bytes": self.scheduler.decoder.param_bytes(), **replica_info()}

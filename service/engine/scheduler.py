@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Awaitable, Optional, Union
 
 from popserve.models.decoder import FullDecoder
 from popserve.models.kv import HandoffMismatch, KVHandoff
@@ -47,14 +48,34 @@ class DecodeScheduler:
         self.handoff_bytes = 0
         self.handoff_seconds = 0.0  # prefill finished -> KV in this replica's pool
         self.handoffs = 0
+        self.prefilling = 0  # requests whose handoff is still being prefilled for this replica
 
     # ---- API for the deployment ------------------------------------------------------------
-    async def generate(self, handoff: KVHandoff, params: SamplingParams) -> AsyncIterator[list]:
+    async def generate(self, handoff: Union[KVHandoff, Awaitable[KVHandoff]],
+                       params: SamplingParams) -> AsyncIterator[list]:
         """Yields lists of (token_id, finish_reason) as steps produce them: the first list as soon
         as there is a token (TTFT), then lists of at least stream_interval tokens (fewer only at
-        the end), longer when the caller reads slower than the steps come."""
+        the end), longer when the caller reads slower than the steps come.
+
+        `handoff` may still be coming (an awaitable: the prefill this replica asked for). The
+        queue bound is checked first, so a full decode turns a request away before any prefill
+        work, and a request being prefilled holds its place in the queue."""
         dec = self.decoder
         fam = dec.family
+        # Bounded: free slots (filled at the next step) plus max_waiting. Counting the free slots,
+        # not asking can_admit(), keeps a burst that lands between two steps within the bound.
+        free = max(0, dec.max_seqs - dec.num_running)
+        if len(self.waiting) + self.prefilling >= self.max_waiting + free:
+            if inspect.iscoroutine(handoff):
+                handoff.close()  # never started: no prefill work was asked for
+            raise Overloaded(f"decode is full: {dec.num_running} running, {len(self.waiting)} waiting, "
+                             f"{self.prefilling} in prefill")
+        if inspect.isawaitable(handoff):
+            self.prefilling += 1
+            try:
+                handoff = await handoff  # drops the response, so only the KV itself stays referenced
+            finally:
+                self.prefilling -= 1
         try:
             handoff.check(dec.accepted, fam.num_layers, fam.num_kv_heads, fam.head_dim, dec.dtype)
         except HandoffMismatch as exc:
@@ -63,12 +84,8 @@ class DecodeScheduler:
             raise BadRequest(f"prompt ({handoff.prompt_tokens} tokens) + max_tokens ({params.max_new_tokens}) "
                              f"exceeds the context length {dec.max_seq_len}", param="max_tokens",
                              code="context_length_exceeded")
-        # Bounded: free slots (filled at the next step) plus max_waiting. Counting the free slots,
-        # not asking can_admit(), keeps a burst that lands between two steps within the bound.
-        free = max(0, dec.max_seqs - dec.num_running)
-        if len(self.waiting) >= self.max_waiting + free:
-            raise Overloaded(f"decode is full: {dec.num_running} running, {len(self.waiting)} waiting")
         req = _Request(handoff, params, asyncio.Queue())
+        del handoff  # the request holds it until admission copies the KV into the pool
         self.waiting.append(req)
         self._ensure_loop()
         finished = False
@@ -91,7 +108,7 @@ class DecodeScheduler:
 
     def stats(self) -> dict:
         return {
-            "running": self.decoder.num_running, "waiting": len(self.waiting),
+            "running": self.decoder.num_running, "waiting": len(self.waiting), "prefilling": self.prefilling,
             "kv_bytes_in_use": self.decoder.kv_bytes_in_use, "kv_pool_bytes": self.decoder.kv_pool_bytes,
             "steps": self.steps, "busy_seconds": self.busy_seconds, "tokens_out": self.tokens_out, "handoffs": self.handoffs,
             "handoff_bytes": self.handoff_bytes, "handoff_seconds": self.handoff_seconds,
