@@ -180,9 +180,12 @@ def test_zero_copy_tensors_maps_a_handoff_from_the_store(ray_cluster, zero_copy)
     env = {stage: deployment_options(stage, settings, cfg)["ray_actor_options"]["runtime_env"]
            for stage, settings in (("Prefill", cfg.prefill), ("Decode", cfg.decode))}
 
+    shape = (4, 2, 2, 300, 64)  # [L, K/V, kv heads, tokens, head dim]: 1.2 MB, stored in Ray's store
+    expected = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape).to(torch.bfloat16)
+
     @ray.remote(runtime_env=env["Prefill"])
     def prefill():
-        kv = torch.arange(4 * 2 * 2 * 300 * 64, dtype=torch.float32).reshape(4, 2, 2, 300, 64).to(torch.bfloat16)
+        kv = expected.clone()
         return KVHandoff(kv=kv, last_token=7, rope_delta=0, pop_ratio=1 / 3, skipped_layers=1,
                          fingerprint="f" * 16, prompt_tokens=301)
 
@@ -195,8 +198,7 @@ def test_zero_copy_tensors_maps_a_handoff_from_the_store(ray_cluster, zero_copy)
                 return " ".join(line.split()[5:]) or "anonymous", handoff.kv.float().sum().item()
 
     mapping, total = ray.get(decode.remote(prefill.remote()))
-    n = 4 * 2 * 2 * 300 * 64
-    assert total == torch.arange(n, dtype=torch.float32).to(torch.bfloat16).float().sum().item()  # same bytes
+    assert total == expected.float().sum().item()  # the same bytes arrived
     assert ("/dev/shm/plasma" in mapping) is zero_copy, mapping
 
 
@@ -291,13 +293,18 @@ def test_openai_client_with_image(servers):
     assert [m.id for m in models.data] == [server.model_name]
 
 
+def _question(i: int) -> str:
+    """The i-th of 16 text prompts of growing length (about 1300 tokens together)."""
+    return " ".join(["word"] * (3 + 7 * i)) + f" question {i}"
+
+
 def test_concurrent_requests_match_solo(servers):
     """16 concurrent greedy requests of different lengths, some with images, each return exactly
     what they return alone: continuous batching never mixes sequences."""
     server = servers["qwen3-vl"]
     reqs = []
     for i in range(16):
-        text = " ".join(["word"] * (3 + 7 * i)) + f" question {i}"
+        text = _question(i)
         images = [png(((40 * i) % 255, 90, 200 - 10 * i))] if i % 3 == 0 else []
         reqs.append((text, images, 4 + i % 5))
     solo = [chat(server, t, im, max_tokens=n).json()["choices"][0]["message"]["content"] for t, im, n in reqs]
@@ -324,8 +331,7 @@ def test_prefill_batches_are_limited_by_prompt_tokens(servers):
 
     server = servers["qwen3-vl"]
     builder = PromptBuilder(server.model_dir)
-    prompts = [builder.build([{"role": "user", "content": " ".join(["word"] * (3 + 7 * i)) + f" question {i}"}])
-               for i in range(16)]
+    prompts = [builder.build([{"role": "user", "content": _question(i)}]) for i in range(16)]
     tokens = sum(p.num_tokens for p in prompts)
     prefill = serve.get_deployment_handle("Prefill", app_name=server.app_name)
     before = prefill.stats.remote().result()
