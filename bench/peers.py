@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit", type=float, default=900)
     ap.add_argument("--dtype", default=None, help="compute dtype for every server (default: popserve's auto)")
     ap.add_argument("--peers", default="popserve,transformers")
+    ap.add_argument("--serve-config", help="a popserve YAML config (e.g. bench/gpu-8b.yaml: stages sharing a GPU)")
     ap.add_argument("--out", default="bench/results/peers")
     args = ap.parse_args(argv)
 
@@ -105,7 +106,11 @@ def main(argv=None) -> int:
 
     if "popserve" in args.peers:
         port = 8231
-        proc = start([str(VENV_BIN / "popserve"), "serve", "--model", model, "--port", str(port), "--dtype", dtype],
+        # The installed command, or the module where the project runs from a path (a GPU node).
+        popserve = [str(VENV_BIN / "popserve")] if (VENV_BIN / "popserve").exists() else [
+            sys.executable, "-m", "popserve.service.cli"]
+        config = ["--config", args.serve_config] if args.serve_config else []
+        proc = start([*popserve, "serve", *config, "--model", model, "--port", str(port), "--dtype", dtype],
                      logs / "popserve.log")
         try:
             base = f"http://127.0.0.1:{port}"
@@ -113,6 +118,9 @@ def main(argv=None) -> int:
             for pop in (True, False):
                 drive(f"{base}/v1/chat/completions", name, tok, args, {"pop": pop},
                       "popserve POP" if pop else "popserve POP off", results)
+            # The server's own counters (KV handoff seconds and bytes, stage busy time) for the run.
+            out = Path(args.out)
+            out.with_name(out.name + "-metrics.txt").write_text(httpx.get(f"{base}/metrics", timeout=30).text)
         finally:
             stop(proc)
     if "transformers" in args.peers:
@@ -126,15 +134,21 @@ def main(argv=None) -> int:
         finally:
             stop(proc)
 
-    report(results, args, dtype)
+    text_cfg = cfg.get("text_config", cfg)
+    shape = f"{Path(model).name} ({text_cfg['num_hidden_layers']} layers x {text_cfg['hidden_size']})"
+    report(results, args, dtype, shape)
     return 0
 
 
-def report(results: dict, args, dtype: str) -> None:
+def report(results: dict, args, dtype: str, shape: str) -> None:
+    import torch
+
     out = Path(args.out)
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     labels = sorted({k[0] for k in results}, key=["popserve POP", "popserve POP off", "transformers serve"].index)
-    text = (f"{args.family} bench checkpoint (24 layers x 512), compute dtype {dtype}, {args.max_tokens} output tokens, "
-            f"streaming, unique prompts/images, {os.cpu_count()} cores\n\n" + results_tables(results, "popserve POP"))
+    text = (f"{args.family} checkpoint {shape}, compute dtype {dtype}, {args.max_tokens} output tokens, "
+            f"streaming, unique prompts/images, {os.cpu_count()} cores{gpu}"
+            f"{', config ' + args.serve_config if args.serve_config else ''}\n\n" + results_tables(results, "popserve POP"))
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps({"|".join(map(str, k)): v for k, v in results.items()}, indent=1))
     print("\n" + text)

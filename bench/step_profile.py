@@ -77,8 +77,11 @@ def main(argv=None) -> int:
     batches = [int(x) for x in args.batches.split(",")]
     runners = {"POP": PrunedPrefill(model, args.ratio, args.dtype, args.device),
                "POP off": PrunedPrefill(model, 0.0, args.dtype, args.device)}
+    t = time.perf_counter()
     decoder = FullDecoder(model, args.ratio, args.dtype, args.device, max_seqs=max(batches),
                           max_seq_len=max(lengths) + 128)
+    load_s = time.perf_counter() - t
+    graphs = decoder.graphs  # CUDA graphs of the decode step (GPU only); {} to time eager steps
     builder = PromptBuilder(model)
     dev = decoder.device
     rows = ["| what | wall (ms) | device kernels (ms) | kernel launches | kernels / wall |", "|---|---|---|---|---|"]
@@ -101,9 +104,17 @@ def main(argv=None) -> int:
         for b in batches:
             for _ in range(b):
                 decoder.add(handoff, SamplingParams(max_new_tokens=60))
-            row(f"decode step, batch {b}, context {n}", *timed(decoder.step, dev, args.repeats))
+            for label, decoder.graphs in (("CUDA graphs", graphs), ("eager", {})) if graphs else (("", {}),):
+                row(f"decode step, batch {b}, context {n}{', ' + label if label else ''}",
+                    *timed(decoder.step, dev, args.repeats))
+            if graphs:  # the graph's logits against the exact-shape eager step's, same inputs
+                diff = (decoder.next_logits("auto") - decoder.next_logits("exact")).abs().max().item()
+                rows.append(f"| decode logits, batch {b}, context {n}: CUDA graph vs eager, max abs difference "
+                            f"| {diff:.3g} | | | |")
+                print(rows[-1], flush=True)
             for seq in list(decoder.running):
                 decoder.remove(seq.seq_id)
+    decoder.graphs = graphs
 
     # A decode step while the other stage prefills in another thread of this process.
     n = max(lengths)
@@ -131,7 +142,8 @@ def main(argv=None) -> int:
     where = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     text = (f"One step at a time on {where}, torch {torch.__version__}, {what_model(args)} ("
             f"{decoder.family.num_layers} layers, POP skips {runners['POP'].k}), {str(decoder.dtype).split('.')[-1]}; "
-            f"median of {args.repeats} (wall), mean of 3 profiled calls (kernels).\n\n" + "\n".join(rows) + "\n")
+            f"median of {args.repeats} (wall), mean of 3 profiled calls (kernels). Decoder loaded in {load_s:.1f} s"
+            f"{f' with {len(graphs)} CUDA graphs captured' if graphs else ''}.\n\n" + "\n".join(rows) + "\n")
     write_report(args.out or f"bench/results/step-profile-{args.shape}-{dev.type}.md", text)
     return 0
 

@@ -7,10 +7,16 @@ in the same batched loop as every other sequence's next token. Sequences leave w
 KV memory: one preallocated pool [L, 2, max_seqs, kv_heads, max_seq_len, head_dim]. Running
 sequences occupy slots 0..n-1 (a leaving sequence's slot is refilled by the last one), so each
 layer's attention reads a strided view of the pool: no gather, no copy, one SDPA call per layer.
+
+On a GPU an eager step is launch-bound (2,378 kernels per step of the 8B shape, the GPU busy 8-11 ms
+of 114-148: docs/performance.md), so the step is replayed from CUDA graphs: one per (batch, width)
+bucket, captured once on the empty pool. A step pads its batch with idle slots and its width with
+masked keys up to the next bucket; inputs go through static buffers the graphs read.
 """
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -25,6 +31,8 @@ from .loading import fast_cpu_linears, load_checkpoint, param_bytes, release
 from .masks import decode_masks
 from .pop import skipped_layer_count
 from .sampling import SamplingParams, sample
+
+log = logging.getLogger(__name__)
 
 
 class DecoderFull(RuntimeError):
@@ -69,7 +77,7 @@ class _SlotCache:
 
 class FullDecoder:
     def __init__(self, model: str | Path, pop_ratio: float = 1 / 3, dtype: str = "auto", device: str = "cpu",
-                 max_seqs: int = 16, max_seq_len: int = 4096):
+                 max_seqs: int = 16, max_seq_len: int = 4096, cuda_graphs: bool = True):
         loaded = load_checkpoint(model, dtype, device)
         fam = self.family = loaded.family
         self.device, self.dtype = loaded.device, loaded.dtype
@@ -92,8 +100,14 @@ class FullDecoder:
         self.pool = torch.zeros(fam.num_layers, 2, max_seqs, fam.num_kv_heads, max_seq_len, fam.head_dim,
                                 dtype=self.dtype, device=self.device)
         self._cache = _SlotCache(self.pool)
+        # Each step's inputs (next token, cache index, rope delta per slot), where graphs read them.
+        self._inputs = torch.zeros(3, max_seqs, dtype=torch.long, device=self.device)
+        self._rows = torch.arange(max_seqs, device=self.device)
         self.running: list[Sequence] = []  # index in this list == slot
         self._ids = itertools.count()
+        self.graphs: dict[tuple[int, int], tuple] = {}  # (batch, width) bucket -> (CUDAGraph, logits)
+        if cuda_graphs and self.device.type == "cuda":
+            self._capture_graphs()
 
     # ---- bookkeeping -----------------------------------------------------------------------
     def param_bytes(self) -> int:
@@ -146,26 +160,80 @@ class FullDecoder:
         return False
 
     # ---- the step --------------------------------------------------------------------------
+    def _forward(self, batch: int, width: int) -> torch.Tensor:
+        """Logits [batch, V] for the first `batch` slots' inputs, attending to keys 0..width-1.
+        Shapes depend on (batch, width) alone, so a CUDA graph of this call replays any step."""
+        fam, text = self.family, self.text
+        tokens, index, deltas = self._inputs[0, :batch, None], self._inputs[1, :batch], self._inputs[2, :batch]
+        hidden = fam.embed(text, tokens)
+        pe = fam.rotary(text, hidden, fam.decode_positions(index, deltas))
+        masks = decode_masks(fam, index, width)
+        self._cache.rows, self._cache.index, self._cache.width = self._rows[:batch], index, width
+        for i, layer in enumerate(self.layers):
+            t = fam.layer_types[i]
+            hidden = layer(hidden, *pe[t], masks[t], self._cache, i)
+        return self.lm_head(text.norm(hidden[:, -1])).float()
+
+    def bucket(self, batch: int, width: int) -> tuple[int, int]:
+        """The smallest captured (batch, width) that holds this step."""
+        return (min(b for b in batch_buckets(self.max_seqs) if b >= batch),
+                min(w for w in width_buckets(self.max_seq_len) if w >= width))
+
+    @torch.inference_mode()
+    def _capture_graphs(self) -> None:
+        """Capture every bucket's step on the empty pool (largest first, so that the smaller ones
+        reuse its memory in the shared pool). Capture writes nothing: recorded kernels only run at
+        replay. If capture fails, steps stay eager and the server still serves."""
+        batches, widths = batch_buckets(self.max_seqs), width_buckets(self.max_seq_len)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the graph: cuBLAS handles, lazy inits
+                self._forward(batches[-1], widths[-1])
+            torch.cuda.current_stream().wait_stream(side)
+            mempool = torch.cuda.graph_pool_handle()
+            for b in reversed(batches):
+                for w in reversed(widths):
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=mempool):
+                        logits = self._forward(b, w)
+                    self.graphs[b, w] = (graph, logits)
+        except RuntimeError as exc:
+            log.warning("decode steps stay eager: CUDA graph capture failed: %s", exc)
+            self.graphs = {}
+        self.pool.zero_()  # the warm-up wrote K/V at index 0 of the first slots
+
+    @torch.inference_mode()
+    def next_logits(self, mode: str = "auto") -> torch.Tensor:
+        """Logits [n, V] of every running sequence's next token; the step's only state change is
+        its K/V write at each sequence's cache index, which the step will write again.
+        mode "auto": replayed from the bucket's CUDA graph when there are graphs, else eagerly at the
+        step's own shape ("exact"); "padded": eagerly at the bucket's shape, what a graph computes."""
+        if mode not in ("auto", "exact", "padded"):
+            raise ValueError(f"mode must be auto, exact or padded, not {mode!r}")
+        seqs, n = self.running, len(self.running)
+        width = max(s.length for s in seqs) + 1
+        graph = mode == "auto" and bool(self.graphs)
+        batch, width = self.bucket(n, width) if graph or mode == "padded" else (n, width)
+        # Padding rows are idle slots: they decode token 0 at index 0, and their output is dropped.
+        host = torch.zeros(3, batch, dtype=torch.long)
+        host[:, :n] = torch.tensor([[s.next_token, s.length, s.rope_delta] for s in seqs]).T
+        self._inputs[:, :batch].copy_(host)
+        if graph:
+            replay, logits = self.graphs[batch, width]
+            replay.replay()
+        else:
+            logits = self._forward(batch, width)
+        return logits[:n]
+
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         """One token for every running sequence (the first one of a new sequence is its boundary
         step on t_N). Finished sequences are removed before returning."""
         if not self.running:
             return []
-        fam, text, dev, seqs = self.family, self.text, self.device, self.running
-        index = torch.tensor([s.length for s in seqs], device=dev)
-        tokens = torch.tensor([[s.next_token] for s in seqs], device=dev)
-        deltas = torch.tensor([s.rope_delta for s in seqs], device=dev)
-        hidden = fam.embed(text, tokens)
-        pe = fam.rotary(text, hidden, fam.decode_positions(index, deltas))
-        width = int(index.max()) + 1
-        masks = decode_masks(fam, index, width)
-        self._cache.rows, self._cache.index, self._cache.width = torch.arange(len(seqs), device=dev), index, width
-        for i, layer in enumerate(self.layers):
-            t = fam.layer_types[i]
-            hidden = layer(hidden, *pe[t], masks[t], self._cache, i)
-        logits = self.lm_head(text.norm(hidden[:, -1])).float()
-        chosen = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        seqs = self.running
+        chosen = sample(self.next_logits(), [s.params for s in seqs], [s.generator for s in seqs])
 
         outputs, done = [], []
         for seq, tok in zip(seqs, chosen):
@@ -195,3 +263,18 @@ class FullDecoder:
                 if out.seq_id in result:
                     result[out.seq_id].append(out.token)
         return [result[i] for i in ids]
+
+
+def batch_buckets(max_seqs: int) -> list[int]:
+    """Batch sizes decode graphs are captured for: powers of two, and max_seqs."""
+    return sorted({min(2**i, max_seqs) for i in range(max_seqs.bit_length() + 1)})
+
+
+def width_buckets(max_seq_len: int, first: int = 256) -> list[int]:
+    """Attention widths decode graphs are captured for: 256, 384, 512, 768, ... (at most 1.5x the
+    width a step needs, so at most a third of its attention reads are masked), and max_seq_len."""
+    out, w = [], first
+    while w < max_seq_len:
+        out += [w, w * 3 // 2]
+        w *= 2
+    return sorted({min(x, max_seq_len) for x in out} | {max_seq_len})

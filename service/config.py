@@ -75,6 +75,10 @@ class DecodeEngine(_Strict):
     # Ingress and Serve's proxy about what a token did: 4 halved their CPU per token at one client and
     # gave the image load at 8 clients 7% more tok/s, but tokens arrive in bursts (docs/performance.md).
     stream_interval: int = Field(1, ge=1, le=64)
+    # On a GPU, replay each decode step from a CUDA graph (one per batch / width bucket, captured at
+    # start): an eager step of the 8B shape launches 2,378 kernels and keeps the GPU busy 8-11 ms of
+    # 114-148 (docs/performance.md). Ignored on CPUs.
+    cuda_graphs: bool = True
 
 
 class Media(_Strict):

@@ -27,7 +27,8 @@ class DecodeStage:
         setup_replica(self.cfg, self.cfg.decode)
         eng = self.cfg.engine
         decoder = FullDecoder(self.cfg.model, self.cfg.pop_ratio, self.cfg.dtype, self.cfg.device,
-                              max_seqs=eng.max_running_seqs, max_seq_len=eng.max_seq_len)
+                              max_seqs=eng.max_running_seqs, max_seq_len=eng.max_seq_len,
+                              cuda_graphs=eng.cuda_graphs)
         stop_ids = PromptBuilder(self.cfg.model).eos_token_ids
         self.scheduler = DecodeScheduler(decoder, stop_ids, eng.max_waiting, eng.stream_interval)
 
