@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import psutil
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import bodies_for, run_load, write_report  # noqa: E402
@@ -72,11 +73,11 @@ def cpu_seconds() -> dict[str, float]:
     return out
 
 
-def run_arm(model: str, arm: str, loads, tok, seed: int, max_tokens: int) -> dict:
+def run_arm(model: str, base: dict, arm: str, loads, tok, seed: int, max_tokens: int) -> dict:
     from popserve.service import launcher
     from popserve.service.config import ServeConfig
 
-    cfg = ServeConfig.model_validate(merged({**BASE, "model": model}, parse_arm(arm))).resolved()
+    cfg = ServeConfig.model_validate(merged({**base, "model": model}, parse_arm(arm))).resolved()
     launcher.start(cfg)
     url, name = f"http://127.0.0.1:{cfg.port}/v1/chat/completions", cfg.model_name()
     out = {}
@@ -136,14 +137,17 @@ def main(argv=None) -> int:
     ap.add_argument("--loads", default="image448:8:20,text64:1:10", help="workload:clients:requests,...")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--model", help="checkpoint directory (default: the bench Qwen3-VL, built if missing)")
+    ap.add_argument("--config", help="a popserve YAML config the arms start from (e.g. bench/gpu-8b.yaml)")
     ap.add_argument("--out", default="bench/results/config-ab.md")
     args = ap.parse_args(argv)
     from popserve.service.config import ServeConfig
 
+    base = merged(BASE, yaml.safe_load(Path(args.config).read_text()) if args.config else {})
     for arm in args.arm:  # a typo fails here, not after the first server start
-        ServeConfig.model_validate(merged({**BASE, "model": "x"}, parse_arm(arm)))
+        ServeConfig.model_validate(merged({**base, "model": "x"}, parse_arm(arm)))
 
-    model = str(Path(tempfile.gettempdir()) / "popserve-bench" / "bench-qwen3-vl")
+    model = args.model or str(Path(tempfile.gettempdir()) / "popserve-bench" / "bench-qwen3-vl")
     if not (Path(model) / "config.json").exists():
         make_tiny("qwen3-vl", "bench", model)
     tok = AutoTokenizer.from_pretrained(model)
@@ -153,9 +157,10 @@ def main(argv=None) -> int:
     for rnd in range(args.rounds):
         for arm in (args.arm if rnd % 2 == 0 else args.arm[::-1]):
             seed += 1000
-            runs[arm].append(run_arm(model, arm, loads, tok, seed, args.max_tokens))
-    header = (f"bench Qwen3-VL, {os.cpu_count()} cores, {args.max_tokens} output tokens, streaming, unique "
-              f"prompts/images; medians of {args.rounds} server starts per arm, the order alternating")
+            runs[arm].append(run_arm(model, base, arm, loads, tok, seed, args.max_tokens))
+    header = (f"{Path(model).name}, {os.cpu_count()} cores{', config ' + args.config if args.config else ''}, "
+              f"{args.max_tokens} output tokens, streaming, unique prompts/images; medians of {args.rounds} "
+              f"server starts per arm, the order alternating")
     write_report(args.out, report(runs, loads, header))
     return 0
 

@@ -103,6 +103,10 @@ class ServeConfig(_Strict):
     # Zero-copy reads of torch tensors from Ray's shared-memory object store (CPU path): off, a
     # 2048-token handoff is pickled and copied on both sides; TTFT 1.15x (bench/results/zero-copy.md).
     zero_copy_tensors: bool = True
+    # How a KV handoff computed on a GPU reaches a decode replica on the same node and GPU: cuda_ipc
+    # maps the prefill's GPU memory (Ray Direct Transport); host goes through Ray's object store in
+    # host memory (always so across GPUs or nodes). service/handoff.py.
+    gpu_handoff: Literal["cuda_ipc", "host"] = "cuda_ipc"
     # A second prefill deployment at ratio 0 serves requests with "pop": false (A/B checks).
     pop_off_prefill: bool = True
     # Prompt tokens one prefill batch may hold (a longer prompt runs alone). Small batches release

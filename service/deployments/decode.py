@@ -16,6 +16,7 @@ from popserve.models.sampling import SamplingParams
 from ..config import ServeConfig
 from ..engine.scheduler import DecodeScheduler
 from ..errors import REPLICA_RETRIES, RETRY_BACKOFF_S, from_exception
+from ..handoff import gpu_location, receive
 from .common import logger, replica_info, setup_replica
 
 
@@ -31,6 +32,7 @@ class DecodeStage:
                               cuda_graphs=eng.cuda_graphs)
         stop_ids = PromptBuilder(self.cfg.model).eos_token_ids
         self.scheduler = DecodeScheduler(decoder, stop_ids, eng.max_waiting, eng.stream_interval)
+        self.location = gpu_location()  # prefill replicas on this GPU hand KV over by CUDA IPC
 
     async def generate(self, input_ids: torch.Tensor, mm_token_type_ids: Optional[torch.Tensor],
                        features: Optional[list[ImageFeatures]], params: dict, pop: bool = True) -> AsyncIterator[list]:
@@ -47,7 +49,7 @@ class DecodeStage:
         here, so the request keeps its place in decode instead of being relaunched whole."""
         for attempt in range(1 + REPLICA_RETRIES):
             try:
-                return await self.prefill[pop].prefill.remote(*args)
+                return await receive(await self.prefill[pop].prefill.remote(*args, deliver_to=self.location))
             except Exception as exc:
                 if attempt == REPLICA_RETRIES or from_exception(exc).code != "replica_failed":
                     raise

@@ -14,6 +14,7 @@ from popserve.models.prefill import PrefillRequest, PrunedPrefill
 
 from ..config import ServeConfig
 from ..errors import BadRequest
+from ..handoff import Location, send
 from .common import replica_info, setup_replica
 
 MAX_PAD_RATIO = 1.5  # prompts batch together only when the longest is at most this x the shortest
@@ -45,7 +46,9 @@ class PrefillStage:
         self.largest_batch = (0, 0)  # (budgeted tokens, prompts) of the biggest batch so far
 
     async def prefill(self, input_ids: torch.Tensor, mm_token_type_ids: Optional[torch.Tensor],
-                      features: Optional[list[ImageFeatures]] = None) -> KVHandoff:
+                      features: Optional[list[ImageFeatures]] = None,
+                      deliver_to: Optional[Location] = None) -> KVHandoff:
+        """The prompt's KV handoff, for the decode replica at `deliver_to` (service/handoff.py)."""
         features = features or []
         image_tokens = int((input_ids == self.runner.family.image_token_id).sum())
         if image_tokens != sum(f.num_tokens for f in features):
@@ -55,7 +58,8 @@ class PrefillStage:
         try:
             # A prompt longer than the budget counts as the whole budget: it runs alone.
             tokens = min(input_ids.numel(), self.cfg.prefill_batch_tokens)
-            return await self._batched(tokens, PrefillRequest(input_ids, mm_token_type_ids, features))
+            handoff = await self._batched(tokens, PrefillRequest(input_ids, mm_token_type_ids, features))
+            return send(handoff, deliver_to) if self.cfg.gpu_handoff == "cuda_ipc" else handoff
         finally:
             self.in_flight -= 1
 
