@@ -8,9 +8,9 @@ KV memory: one preallocated pool [L, 2, max_seqs, kv_heads, max_seq_len, head_di
 sequences occupy slots 0..n-1 (a leaving sequence's slot is refilled by the last one), so each
 layer's attention reads a strided view of the pool: no gather, no copy, one SDPA call per layer.
 
-On a GPU an eager step is launch-bound (2,378 kernels per step of the 8B shape, the GPU busy 8-11 ms
-of 114-148: docs/performance.md), so the step is replayed from CUDA graphs: one per (batch, width)
-bucket, captured once on the empty pool. A step pads its batch with idle slots and its width with
+On a GPU an eager step is launch-bound (2,158 kernels per step of the 8B shape on an H200: 72-130 ms,
+the GPU busy 8-11% of it), so the step is replayed from CUDA graphs (9-11 ms: docs/performance.md),
+one per (batch, width) bucket, captured once on the empty pool. A step pads its batch with idle slots and its width with
 masked keys up to the next bucket; inputs go through static buffers the graphs read.
 """
 from __future__ import annotations

@@ -76,8 +76,8 @@ class DecodeEngine(_Strict):
     # gave the image load at 8 clients 7% more tok/s, but tokens arrive in bursts (docs/performance.md).
     stream_interval: int = Field(1, ge=1, le=64)
     # On a GPU, replay each decode step from a CUDA graph (one per batch / width bucket, captured at
-    # start): an eager step of the 8B shape launches 2,378 kernels and keeps the GPU busy 8-11 ms of
-    # 114-148 (docs/performance.md). Ignored on CPUs.
+    # start): on an H200 an eager step of the 8B shape took 72-130 ms (2,158 kernel launches), its
+    # graph 9-11 ms (docs/performance.md). Ignored on CPUs.
     cuda_graphs: bool = True
 
 
