@@ -6,6 +6,8 @@
 #   ab       bench/config_ab.py: the server with its GPU handoff by CUDA IPC against host memory
 #   serve    bench/peers.py's popserve part: the real server (Ray Serve, all stages sharing the
 #            GPU, bench/gpu-8b.yaml) driven over HTTP, POP on and off, and its /metrics afterwards
+# The checkout travels too, within the call's 64 MiB with the archive: move the tracked
+# models/checkpoints (39 MB; nothing here needs them) aside for the call.
 # PARTS picks them (default: tests,profile,serve). Each part has its own time limit, so that one
 # that hangs leaves the others' results. Results go to $OUT (or bench/results); at most 8 files
 # come back from a device call.
