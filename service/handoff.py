@@ -7,6 +7,8 @@ So when the decode replica sits on the same node and GPU as the prefill replica,
 through Ray Direct Transport's CUDA IPC instead (`gpu_handoff: cuda_ipc`): the prefill replica
 keeps the tensor in its GPU object store and sends a handle, decode maps the same GPU memory, copies
 it into its pool, and Ray's reference counting frees the prefill's copy when decode drops it.
+Decode asks for that only when the request will get a slot at once: a handoff that waits for one
+(up to `engine.max_waiting` of them, 288 MiB each at 2048 tokens) waits in host memory.
 """
 from __future__ import annotations
 
@@ -27,14 +29,18 @@ def gpu_location() -> Optional[Location]:
     return (ray.get_runtime_context().get_node_id(), tuple(map(str, gpus))) if gpus else None
 
 
-def send(handoff: KVHandoff, deliver_to: Optional[Location]) -> KVHandoff:
+async def send(handoff: KVHandoff, deliver_to: Optional[Location]) -> KVHandoff:
     """The handoff to return: its KV moved into Ray's GPU object store when the receiver shares
-    this replica's node and GPU, else unchanged (through the object store's host memory)."""
-    here = gpu_location()
-    if deliver_to is None or here is None or not handoff.kv.is_cuda or deliver_to[0] != here[0]:
+    this replica's node and GPU (`deliver_to`), else into host memory, where it waits in Ray's
+    object store, not on any GPU, until decode admits it."""
+    if not handoff.kv.is_cuda:
         return handoff
-    gpu = here[1][handoff.kv.device.index or 0]
-    if gpu not in deliver_to[1]:
+    here = gpu_location()
+    if (deliver_to is None or here is None or deliver_to[0] != here[0]
+            or here[1][handoff.kv.device.index or 0] not in deliver_to[1]):
+        # Off the event loop (288 MiB at 2048 tokens); left on the GPU, torch's pickling would put
+        # it back on decode's GPU the moment it arrives.
+        handoff.kv = await asyncio.to_thread(handoff.kv.cpu)
         return handoff
     # A sent block whose tensor Ray has dropped waits in torch's IPC limbo until its receivers let
     # go too; sweep it on each send, or this replica would hold every past handoff's memory until

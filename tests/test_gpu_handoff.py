@@ -2,8 +2,8 @@
 
 Two Ray actors on one GPU (fractional num_gpus, as popserve's stages are placed): the producer
 returns a handoff for the consumer's location, the consumer receives it as a CUDA tensor with the
-producer's values; a handoff for no location, or for another node, travels through host memory as
-before; and the producer's GPU memory is released once the consumer and the driver drop it.
+producer's values; a handoff for no location, another node or another GPU comes in host memory;
+and the producer's GPU memory is released once the consumer and the driver drop it.
 """
 from __future__ import annotations
 
@@ -29,11 +29,11 @@ def replicas(ray_cluster):
         def location(self):
             return gpu_location()
 
-        def produce(self, deliver_to, seed: int):
+        async def produce(self, deliver_to, seed: int):
             g = torch.Generator(device="cuda").manual_seed(seed)
             kv = torch.randn(SHAPE, generator=g, device="cuda").to(torch.bfloat16)
             self.checksum = float(kv.float().sum())
-            return send(KVHandoff(kv, 1, 0, 1 / 3, 12, "f", SHAPE[3] + 1, time.time()), deliver_to)
+            return await send(KVHandoff(kv, 1, 0, 1 / 3, 12, "f", SHAPE[3] + 1, time.time()), deliver_to)
 
         async def consume(self, handoff):
             t = time.perf_counter()
@@ -76,13 +76,15 @@ def test_handoff_to_a_replica_on_the_same_gpu_goes_by_cuda_ipc(replicas):
     assert max(held) <= 2 * nbytes, [h / nbytes for h in held]
 
 
-@pytest.mark.parametrize("elsewhere", [None, "another node"])
-def test_handoff_for_no_or_another_location_goes_through_host_memory(replicas, elsewhere):
+@pytest.mark.parametrize("elsewhere", [None, "another node", "another GPU"])
+def test_handoff_for_no_or_another_location_waits_in_host_memory(replicas, elsewhere):
+    """No location (decode will make the request wait for a slot, or gpu_handoff: host), another
+    node or another GPU: the KV comes back in host memory, and stays there until decode admits it."""
     ray, producer, consumer = replicas
-    where = ray.get(consumer.location.remote())
-    deliver_to = None if elsewhere is None else ("0" * len(where[0]), where[1])
+    node, gpus = ray.get(consumer.location.remote())
+    deliver_to = {None: None, "another node": ("0" * len(node), gpus), "another GPU": (node, ("99",))}[elsewhere]
     handoff = ray.get(producer.produce.remote(deliver_to, 2))
-    assert isinstance(handoff.kv, torch.Tensor)
+    assert isinstance(handoff.kv, torch.Tensor) and not handoff.kv.is_cuda
     on_gpu, shape, total, seconds = ray.get(consumer.consume.remote(handoff))
-    assert shape == SHAPE and total == pytest.approx(ray.get(producer.last_checksum.remote()), rel=1e-6)
-    print(f"host-memory handoff of {SHAPE}, already in the driver: {seconds * 1000:.1f} ms")
+    assert not on_gpu and shape == SHAPE
+    assert total == pytest.approx(ray.get(producer.last_checksum.remote()), rel=1e-6)

@@ -508,7 +508,8 @@ def test_every_stage_queue_is_bounded_and_says_when_to_retry():
 def test_decode_counts_requests_in_prefill_and_turns_them_away_before_prefilling():
     """Decode asks for a request's prefill itself: a request whose KV is still being prefilled holds
     a place in decode's bound, and a request that finds decode full is refused before its prefill
-    starts (no prefill work for a request that would get a 503 anyway)."""
+    starts (no prefill work for a request that would get a 503 anyway). Decode also knows, when it
+    asks, whether the request will wait for a slot."""
     from popserve.models.sampling import SamplingParams
     from popserve.service.engine.scheduler import DecodeScheduler
 
@@ -516,9 +517,10 @@ def test_decode_counts_requests_in_prefill_and_turns_them_away_before_prefilling
         sched = DecodeScheduler(_FakeDecoder(max_seqs=2), (), max_waiting=2)
         started, gate = 0, asyncio.Event()
 
-        async def prefill():
+        async def prefill():  # as DecodeStage._prefill, which asks slots_spoken_for() first
             nonlocal started
             started += 1
+            will_wait.append(sched.slots_spoken_for())
             await gate.wait()
             return _FakeHandoff()
 
@@ -534,7 +536,11 @@ def test_decode_counts_requests_in_prefill_and_turns_them_away_before_prefilling
         gate.set()
         return await asyncio.gather(*tasks), started, in_prefill, sched.stats()
 
+    will_wait = []
     results, started, in_prefill, stats = asyncio.run(scenario())
     assert results.count("rejected") == 6 and started == 4 and in_prefill == 4, (results, started, in_prefill)
+    # The first two fill the two slots the moment their KV arrives (so on a GPU it may come by CUDA
+    # IPC); the next two will wait for a slot (so their KV waits in host memory: service/handoff.py).
+    assert will_wait == [False, False, True, True]
     assert all(len(r) == 3 for r in results if r != "rejected")
     assert stats["prefilling"] == 0 and stats["waiting"] == 0 and stats["running"] == 0

@@ -47,9 +47,12 @@ class DecodeStage:
     async def _prefill(self, pop: bool, *args) -> KVHandoff:
         """The request's KV handoff. A prefill replica that dies is asked again (on another replica)
         here, so the request keeps its place in decode instead of being relaunched whole."""
+        # A handoff that will wait for a slot comes through host memory, so that waiting requests
+        # hold no GPU memory; one that gets a slot at once may stay on the GPU (service/handoff.py).
+        deliver_to = None if self.scheduler.slots_spoken_for() else self.location
         for attempt in range(1 + REPLICA_RETRIES):
             try:
-                return await receive(await self.prefill[pop].prefill.remote(*args, deliver_to=self.location))
+                return await receive(await self.prefill[pop].prefill.remote(*args, deliver_to=deliver_to))
             except Exception as exc:
                 if attempt == REPLICA_RETRIES or from_exception(exc).code != "replica_failed":
                     raise

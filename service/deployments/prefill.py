@@ -59,7 +59,7 @@ class PrefillStage:
             # A prompt longer than the budget counts as the whole budget: it runs alone.
             tokens = min(input_ids.numel(), self.cfg.prefill_batch_tokens)
             handoff = await self._batched(tokens, PrefillRequest(input_ids, mm_token_type_ids, features))
-            return send(handoff, deliver_to) if self.cfg.gpu_handoff == "cuda_ipc" else handoff
+            return await send(handoff, deliver_to if self.cfg.gpu_handoff == "cuda_ipc" else None)
         finally:
             self.in_flight -= 1
 

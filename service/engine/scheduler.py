@@ -106,6 +106,11 @@ class DecodeScheduler:
                 req.cancelled = True
                 self._wake.set()
 
+    def slots_spoken_for(self) -> bool:
+        """Whether the running, waiting and in-prefill requests already fill every slot, so that a
+        handoff asked for now (already counted in `prefilling`) will wait for one."""
+        return self.decoder.num_running + len(self.waiting) + self.prefilling > self.decoder.max_seqs
+
     def stats(self) -> dict:
         return {
             "running": self.decoder.num_running, "waiting": len(self.waiting), "prefilling": self.prefilling,
