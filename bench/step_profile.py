@@ -104,7 +104,8 @@ def main(argv=None) -> int:
         for b in batches:
             for _ in range(b):
                 decoder.add(handoff, SamplingParams(max_new_tokens=60))
-            for label, decoder.graphs in (("CUDA graphs", graphs), ("eager", {})) if graphs else (("", {}),):
+            modes = {"CUDA graphs": graphs, "eager": {}} if graphs else {"": {}}  # label -> decoder.graphs
+            for label, decoder.graphs in modes.items():
                 row(f"decode step, batch {b}, context {n}{', ' + label if label else ''}",
                     *timed(decoder.step, dev, args.repeats))
             if graphs:  # the graph's logits against the exact-shape eager step's, same inputs

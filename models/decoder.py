@@ -105,6 +105,8 @@ class FullDecoder:
         self._rows = torch.arange(max_seqs, device=self.device)
         self.running: list[Sequence] = []  # index in this list == slot
         self._ids = itertools.count()
+        # The padded shapes a graph step may take (fixed by the limits, so derived once, not per step).
+        self.batch_buckets, self.width_buckets = batch_buckets(max_seqs), width_buckets(max_seq_len)
         self.graphs: dict[tuple[int, int], tuple] = {}  # (batch, width) bucket -> (CUDAGraph, logits)
         if cuda_graphs and self.device.type == "cuda":
             self._capture_graphs()
@@ -176,15 +178,14 @@ class FullDecoder:
 
     def bucket(self, batch: int, width: int) -> tuple[int, int]:
         """The smallest captured (batch, width) that holds this step."""
-        return (min(b for b in batch_buckets(self.max_seqs) if b >= batch),
-                min(w for w in width_buckets(self.max_seq_len) if w >= width))
+        return (min(b for b in self.batch_buckets if b >= batch), min(w for w in self.width_buckets if w >= width))
 
     @torch.inference_mode()
     def _capture_graphs(self) -> None:
         """Capture every bucket's step on the empty pool (largest first, so that the smaller ones
         reuse its memory in the shared pool). Capture writes nothing: recorded kernels only run at
         replay. If capture fails, steps stay eager and the server still serves."""
-        batches, widths = batch_buckets(self.max_seqs), width_buckets(self.max_seq_len)
+        batches, widths = self.batch_buckets, self.width_buckets
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

@@ -13,6 +13,7 @@ Decode asks for that only when the request will get a slot at once: a handoff th
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Optional
 
 import ray
@@ -23,6 +24,7 @@ from popserve.models.kv import KVHandoff
 Location = tuple[str, tuple[str, ...]]  # (Ray node id, GPU ids Ray gave the replica)
 
 
+@functools.cache  # Ray gives a replica its GPUs for life: asked once, not on every send
 def gpu_location() -> Optional[Location]:
     """Where this replica's GPU work runs, for a prefill replica to tell whether CUDA IPC reaches it."""
     gpus = ray.get_gpu_ids()
