@@ -18,14 +18,13 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import psutil
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import bodies_for, run_load, write_report  # noqa: E402
+from loadgen import bench_checkpoint, bodies_for, run_load, write_report  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROCESSES = {"Encoder": "ServeReplica:popserve:VisionEncoder", "Prefill": "ServeReplica:popserve:Prefill ",
@@ -129,8 +128,6 @@ def report(runs: dict[str, list[dict]], loads, header: str) -> str:
 def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
-    from popserve.models.tiny import make_tiny
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--arm", action="append", required=True,
                     help='dotted settings, e.g. "engine.stream_interval=4,decode.torch_threads=2"; "" = defaults')
@@ -147,9 +144,7 @@ def main(argv=None) -> int:
     for arm in args.arm:  # a typo fails here, not after the first server start
         ServeConfig.model_validate(merged({**base, "model": "x"}, parse_arm(arm)))
 
-    model = args.model or str(Path(tempfile.gettempdir()) / "popserve-bench" / "bench-qwen3-vl")
-    if not (Path(model) / "config.json").exists():
-        make_tiny("qwen3-vl", "bench", model)
+    model = bench_checkpoint("qwen3-vl", args.model)
     tok = AutoTokenizer.from_pretrained(model)
     loads = parse_loads(args.loads)
     runs: dict[str, list[dict]] = {a: [] for a in args.arm}

@@ -13,14 +13,13 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import write_report  # noqa: E402
+from loadgen import bench_checkpoint, write_report  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -30,8 +29,6 @@ def main(argv=None) -> int:
     from popserve.models.decoder import FullDecoder
     from popserve.models.prefill import PrefillRequest, PrunedPrefill
     from popserve.models.sampling import SamplingParams
-    from popserve.models.tiny import make_tiny
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", default="qwen3-vl")
     ap.add_argument("--model", help="checkpoint dir (default: the bench checkpoint, built if missing)")
@@ -43,9 +40,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    model = args.model or str(Path(tempfile.gettempdir()) / "popserve-bench" / f"bench-{args.family}")
-    if not (Path(model) / "config.json").exists():
-        make_tiny(args.family, "bench", model)
+    model = bench_checkpoint(args.family, args.model)
     handoff = PrunedPrefill(model, 1 / 3).prefill([PrefillRequest(torch.randint(100, 1000, (args.context,)))])[0]
     batches = [int(b) for b in args.batches.split(",")]
     decoders = {"transformers layers": FullDecoder(model, 1 / 3, max_seqs=max(batches), max_seq_len=1024),

@@ -12,12 +12,26 @@ import io
 import json
 import random
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import httpx
+
+def bench_checkpoint(family: str = "qwen3-vl", model: Optional[str] = None) -> str:
+    """`model` (a directory or hub id) as given, or else the random-weight bench checkpoint of
+    `family`, built on first use under the temp directory."""
+    if model:
+        return model
+    path = Path(tempfile.gettempdir()) / "popserve-bench" / f"bench-{family}"
+    if not (path / "config.json").exists():
+        from popserve.models.tiny import make_tiny
+
+        make_tiny(family, "bench", str(path))
+    return str(path)
+
 
 WORDS = ("the sea boy water light house tree city story picture animal mother world point "
          "answer school plant night river stone cloud garden window morning letter").split()

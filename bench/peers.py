@@ -17,14 +17,13 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import bodies_for, results_tables, run_load  # noqa: E402
+from loadgen import bench_checkpoint, bodies_for, results_tables, run_load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -78,8 +77,6 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from popserve.models.loading import torch_dtype
-    from popserve.models.tiny import make_tiny
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", default="qwen3-vl")
     ap.add_argument("--model")
@@ -94,9 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results/peers")
     args = ap.parse_args(argv)
 
-    model = args.model or str(Path(tempfile.gettempdir()) / "popserve-bench" / f"bench-{args.family}")
-    if not (Path(model) / "config.json").exists():
-        make_tiny(args.family, "bench", model)
+    model = bench_checkpoint(args.family, args.model)
     cfg = json.loads((Path(model) / "config.json").read_text())
     dtype = args.dtype or str(torch_dtype("auto", cfg.get("dtype") or cfg.get("text_config", {}).get("dtype"))).split(".")[-1]
     tok = AutoTokenizer.from_pretrained(model)

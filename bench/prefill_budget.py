@@ -12,11 +12,10 @@ import argparse
 import asyncio
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import chat_body, run_load, text_prompt, write_report  # noqa: E402
+from loadgen import bench_checkpoint, chat_body, run_load, text_prompt, write_report  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,7 +23,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
-    from popserve.models.tiny import make_tiny
     from popserve.service import launcher
     from popserve.service.config import ServeConfig
 
@@ -38,9 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results/prefill_budget.md")
     args = ap.parse_args(argv)
 
-    model = str(Path(tempfile.gettempdir()) / "popserve-bench" / f"bench-{args.family}")
-    if not (Path(model) / "config.json").exists():
-        make_tiny(args.family, "bench", model)
+    model = bench_checkpoint(args.family)
     tok = AutoTokenizer.from_pretrained(model)
     rows = []
     for budget in map(int, args.budgets.split(",")):

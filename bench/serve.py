@@ -13,13 +13,12 @@ import argparse
 import asyncio
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import chat_body, noise_image_url, run_load, text_prompt, write_report  # noqa: E402
+from loadgen import bench_checkpoint, chat_body, noise_image_url, run_load, text_prompt, write_report  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -36,7 +35,6 @@ def scrape(base: str) -> dict[str, float]:
 def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
-    from popserve.models.tiny import make_tiny
     from popserve.service import launcher
     from popserve.service.config import ServeConfig
 
@@ -53,9 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results/serve.md")
     args = ap.parse_args(argv)
 
-    model = args.model or str(Path(tempfile.gettempdir()) / "popserve-bench" / f"bench-{args.family}")
-    if not (Path(model) / "config.json").exists():
-        make_tiny(args.family, "bench", model)
+    model = bench_checkpoint(args.family, args.model)
     base_cfg = ServeConfig.from_yaml(args.config).model_dump() if args.config else {}
     cfg = ServeConfig.model_validate({**base_cfg, "model": model, "port": args.port,
                                       "engine": {"max_running_seqs": 16, "max_seq_len": 4096}})

@@ -19,6 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import bench_checkpoint  # noqa: E402
+
 LAYOUTS = [  # (prefill threads, decode threads, OMP_WAIT_POLICY of prefill, of decode)
     (2, 2, "ACTIVE", "ACTIVE"), (2, 1, "ACTIVE", "ACTIVE"), (1, 1, "ACTIVE", "ACTIVE"),
     (2, 2, "PASSIVE", "PASSIVE"), (2, 1, "PASSIVE", "PASSIVE"), (1, 1, "PASSIVE", "PASSIVE"),
@@ -98,11 +101,7 @@ def main(argv=None) -> int:
         worker(args.worker, args.threads, args.seconds, args.model, args.batch, Path(args.go))
         return 0
 
-    from popserve.models.tiny import make_tiny
-
-    model = args.model or str(Path(tempfile.gettempdir()) / "popserve-bench" / f"bench-{args.family}")
-    if not (Path(model) / "config.json").exists():
-        make_tiny(args.family, "bench", model)
+    model = bench_checkpoint(args.family, args.model)
     alone = {}
     for policy in ("ACTIVE", "PASSIVE"):
         for t in (1, 2):

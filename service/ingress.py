@@ -133,11 +133,15 @@ class Ingress:
             return self.error_response(exc, _request_id())
         return ModelList(data=[ModelCard(id=self.model_name, created=self.created)])
 
-    @app.get("/health")
-    async def health(self):
+    def _stages(self) -> dict:
         stages = {"encoder": self.encoder, "prefill": self.prefill, "decode": self.decode}
         if self.prefill_full is not None:
             stages["prefill_full"] = self.prefill_full
+        return stages
+
+    @app.get("/health")
+    async def health(self):
+        stages = self._stages()
         results = await asyncio.gather(
             *(asyncio.wait_for(h.ready.remote(), timeout=5.0) for h in stages.values()), return_exceptions=True)
         status = {name: r is True for name, r in zip(stages, results)}
@@ -155,9 +159,7 @@ class Ingress:
         return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def stage_stats(self) -> dict:
-        stages = {"encoder": self.encoder, "prefill": self.prefill, "decode": self.decode}
-        if self.prefill_full is not None:
-            stages["prefill_full"] = self.prefill_full
+        stages = self._stages()
         res = await asyncio.gather(*(asyncio.wait_for(h.stats.remote(), 5.0) for h in stages.values()),
                                    return_exceptions=True)
         return {k: v for k, v in zip(stages, res) if isinstance(v, dict)}
