@@ -5,6 +5,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 
 import httpx
 import pytest
@@ -161,6 +162,36 @@ def test_omp_spin_count_reaches_only_its_stage(servers):
             assert (info["omp_spin_count"], info["omp_wait_policy"]) == (str(ENCODER_OMP_SPIN["gemma3"]), None), info
         else:
             assert (info["omp_spin_count"], info["omp_wait_policy"]) == (None, "PASSIVE"), (stage, info)
+
+
+def test_nice_reaches_every_thread_of_its_stage_only(servers):
+    """decode.nice (gemma3's test server: 19) puts every thread of the decode replica (Ray's,
+    the event loop's, torch's) at that nice; unset (the other stages, and qwen3-vl's decode), a
+    replica keeps the priorities Ray gave its threads."""
+    from ray import serve
+
+    from popserve_testing import DECODE_NICE
+
+    for fam, server in servers.items():
+        for stage in ("VisionEncoder", "Prefill", "Decode"):
+            info = serve.get_deployment_handle(stage, app_name=server.app_name).stats.remote().result()
+            nices = thread_nices(info["pid"])
+            if stage == "Decode" and DECODE_NICE[fam] is not None:
+                assert nices == {DECODE_NICE[fam]} and info["nice"] == DECODE_NICE[fam], (fam, stage, nices, info)
+            else:
+                assert len(nices) > 1 and info["nice"] != 19, (fam, stage, nices, info)  # Ray's mix
+
+
+def thread_nices(pid: int) -> set[int]:
+    """The nice value of every thread of a process (field 19 of /proc/PID/task/TID/stat)."""
+    out = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                out.add(int(f.read().rsplit(")", 1)[1].split()[16]))
+        except FileNotFoundError:  # the thread ended meanwhile
+            pass
+    return out
 
 
 @pytest.mark.parametrize("zero_copy", [True, False])

@@ -16,6 +16,23 @@ def setup_replica(cfg: ServeConfig, stage: DeploymentSettings) -> None:
     # Ray pins OMP_NUM_THREADS to an actor's num_cpus (1 when 0): a prefill replica would use one
     # core. Default to every core; the stage's torch_threads partitions a node between replicas.
     torch.set_num_threads(stage.torch_threads or os.cpu_count() or 1)
+    if stage.nice is not None:
+        set_nice(stage.nice)
+
+
+def set_nice(nice: int) -> None:
+    """Every thread of this process at `nice`: Linux keeps a nice value per thread, and Ray's
+    threads already run. Threads started later inherit their creator's."""
+    tasks = "/proc/self/task"
+    for tid in os.listdir(tasks) if os.path.isdir(tasks) else [0]:
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
+        except PermissionError:  # raising priority needs CAP_SYS_NICE
+            logger.warning("cannot set nice %d (below Ray's %d needs CAP_SYS_NICE); keeping Ray's",
+                           nice, os.getpriority(os.PRIO_PROCESS, 0))
+            return
 
 
 def replica_info() -> dict:
@@ -24,7 +41,8 @@ def replica_info() -> dict:
 
     return {"pid": os.getpid(), "torch_threads": torch.get_num_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "omp_spin_count": os.environ.get("GOMP_SPINCOUNT"),
-            "malloc_trim_threshold": os.environ.get("MALLOC_TRIM_THRESHOLD_")}
+            "malloc_trim_threshold": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+            "nice": os.getpriority(os.PRIO_PROCESS, 0)}
 
 
 # glibc hands large freed blocks back to the OS, so every prefill page-faulted its activations in
