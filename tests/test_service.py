@@ -182,6 +182,34 @@ def test_nice_reaches_every_thread_of_its_stage_only(servers):
                 assert len(nices) > 1 and info["nice"] != 19, (fam, stage, nices, info)  # Ray's mix
 
 
+def test_set_nice_reaches_every_thread_and_says_which_it_could_not_lower():
+    """Unprivileged (as in most containers), a replica may raise its threads' nice but not lower
+    it: set_nice then leaves those threads as they are and logs how many, instead of failing."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, logging, os, threading\n"
+        "from popserve.service.deployments import common\n"
+        "if os.geteuid() == 0:\n"
+        "    os.setuid(65534)  # nobody: no CAP_SYS_NICE (after the imports: root's Python may be private)\n"
+        "logged = []\n"
+        "common.logger.addHandler(type('H', (logging.Handler,), {'emit': lambda self, r: logged.append(r.getMessage())})())\n"
+        "stop = threading.Event(); t = threading.Thread(target=stop.wait); t.start()\n"
+        "nices = lambda: sorted({int(open(f'/proc/self/task/{i}/stat').read().rsplit(')', 1)[1].split()[16])\n"
+        "                        for i in os.listdir('/proc/self/task')})\n"
+        "common.set_nice(10); raised = nices()\n"
+        "common.set_nice(0); lowered = nices()\n"
+        "stop.set(); t.join()\n"
+        "print(json.dumps({'raised': raised, 'lowered': lowered, 'logged': logged}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.splitlines()[-1])
+    assert res["raised"] == [10] and res["lowered"] == [10], res
+    assert len(res["logged"]) == 1 and "nice 0:" in res["logged"][0] and "CAP_SYS_NICE" in res["logged"][0], res
+
+
 def thread_nices(pid: int) -> set[int]:
     """The nice value of every thread of a process (field 19 of /proc/PID/task/TID/stat)."""
     out = set()

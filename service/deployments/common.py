@@ -23,16 +23,16 @@ def setup_replica(cfg: ServeConfig, stage: DeploymentSettings) -> None:
 def set_nice(nice: int) -> None:
     """Every thread of this process at `nice`: Linux keeps a nice value per thread, and Ray's
     threads already run. Threads started later inherit their creator's."""
-    tasks = "/proc/self/task"
+    tasks, denied = "/proc/self/task", 0
     for tid in os.listdir(tasks) if os.path.isdir(tasks) else [0]:
         try:
             os.setpriority(os.PRIO_PROCESS, int(tid), nice)
         except ProcessLookupError:  # a thread that ended meanwhile
             pass
-        except PermissionError:  # raising priority needs CAP_SYS_NICE
-            logger.warning("cannot set nice %d (below Ray's %d needs CAP_SYS_NICE); keeping Ray's",
-                           nice, os.getpriority(os.PRIO_PROCESS, 0))
-            return
+        except PermissionError:  # a nice below the thread's own needs CAP_SYS_NICE
+            denied += 1
+    if denied:
+        logger.warning("nice %d: %d threads kept a higher nice (lowering it needs CAP_SYS_NICE)", nice, denied)
 
 
 def replica_info() -> dict:
