@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -136,68 +137,66 @@ _PADDED_VOCAB = {"8b": 151936}
 _INIT = {"tiny": 0.08, "bench": 0.02, "8b": 0.02}
 
 
-def _qwen_config(size: str, tok):
+def qwen3_vl_config(tok, text: dict, vision: dict, *, max_positions: int, rope_theta: float, init: float,
+                    vocab_size: int = 0, mrope: Optional[list[int]] = None, stop_ids: bool = False):
+    """A Qwen3-VL config of the given text / vision shapes around a locally trained tokenizer (the
+    tiny checkpoints and the trained models share this recipe). stop_ids: set eos / pad ids."""
     from transformers import Qwen3VLConfig
 
-    text = dict(_TEXT[size])
     half = text["head_dim"] // 2
-    # [16,24,24] at head_dim 128; the 8B shape takes the real checkpoint's [24,20,20].
-    mrope = [24, 20, 20] if size == "8b" else [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+    mrope = mrope or [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]  # [16,24,24] at 128
     ids = tok.convert_tokens_to_ids
+    stops = dict(eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>")) if stop_ids else {}
     return Qwen3VLConfig(
         text_config=dict(
-            **text, vocab_size=max(len(tok), _PADDED_VOCAB.get(size, 0)), max_position_embeddings=8192,
+            **text, vocab_size=max(len(tok), vocab_size), max_position_embeddings=max_positions,
             rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": mrope,
+            rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": mrope,
                              "mrope_interleaved": True},
-            tie_word_embeddings=False, initializer_range=_INIT[size],
+            tie_word_embeddings=False, initializer_range=init, **stops,
         ),
-        vision_config=dict(**_VISION[size], patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+        vision_config=dict(**vision, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                            in_channels=3, out_hidden_size=text["hidden_size"]),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
+        tie_word_embeddings=False, **stops,
     )
 
 
-def _gemma_config(size: str, tok):
+def gemma3_config(tok, text: dict, vision: dict, *, max_positions: int, window: int, init: float,
+                  mm_tokens: int, text_stops_at_end_of_turn: bool = False):
+    """A Gemma-3 config of the given shapes (every 6th layer and the last global, the rest sliding)."""
     from transformers import Gemma3Config
 
-    text = dict(_TEXT[size])
     n = text["num_hidden_layers"]
-    window = 8 if size == "tiny" else 512
-    vision = (dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                   image_size=64, patch_size=8)
-              if size == "tiny" else
-              dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                   image_size=448, patch_size=14))
     ids = tok.convert_tokens_to_ids
+    stops = [ids("<eos>"), ids("<end_of_turn>")]
     return Gemma3Config(
         text_config=dict(
-            **text, vocab_size=len(tok), max_position_embeddings=8192, sliding_window=window,
+            **text, vocab_size=len(tok), max_position_embeddings=max_positions, sliding_window=window,
             query_pre_attn_scalar=text["head_dim"], rms_norm_eps=1e-6,
             layer_types=["full_attention" if (i + 1) % 6 == 0 or i == n - 1 else "sliding_attention"
                          for i in range(n)],
             rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
                              "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
-            tie_word_embeddings=False, initializer_range=_INIT[size], pad_token_id=ids("<pad>"), bos_token_id=ids("<bos>"),
-            eos_token_id=ids("<eos>"),
+            tie_word_embeddings=False, initializer_range=init, pad_token_id=ids("<pad>"), bos_token_id=ids("<bos>"),
+            eos_token_id=stops if text_stops_at_end_of_turn else stops[0],
         ),
         vision_config=dict(**vision, model_type="siglip_vision_model", layer_norm_eps=1e-6),
-        mm_tokens_per_image=16 if size == "tiny" else 256,
+        mm_tokens_per_image=mm_tokens,
         boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
         image_token_index=ids("<image_soft_token>"), tie_word_embeddings=False,
-        pad_token_id=ids("<pad>"), bos_token_id=ids("<bos>"), eos_token_id=[ids("<eos>"), ids("<end_of_turn>")],
+        pad_token_id=ids("<pad>"), bos_token_id=ids("<bos>"), eos_token_id=stops,
     )
 
 
-def _processor(family: str, size: str, tok, config):
+def processor(family: str, tok, config, longest_edge: int):
+    """The real processor of the family around `tok`; Qwen3-VL resizes images to at most
+    `longest_edge` pixels, Gemma-3 to its vision tower's square."""
     if family == "qwen3-vl":
         from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
-        # Tests keep images small; the bench shape takes a 448x448 or 896x896 image whole.
-        longest = 128 * 128 if size == "tiny" else 1024 * 1024
-        size_cfg = {"shortest_edge": 32 * 32, "longest_edge": longest}
+        size_cfg = {"shortest_edge": 32 * 32, "longest_edge": longest_edge}
         image = Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, size=size_cfg,
                                       image_mean=[0.5] * 3, image_std=[0.5] * 3)
         video = Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, size=size_cfg)
@@ -209,6 +208,28 @@ def _processor(family: str, size: str, tok, config):
     image = Gemma3ImageProcessor(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return Gemma3Processor(image_processor=image, tokenizer=tok, chat_template=GEMMA_CHAT_TEMPLATE,
                            image_seq_length=config.mm_tokens_per_image)
+
+
+def _qwen_config(size: str, tok):
+    # The 8B shape takes the real checkpoint's mRoPE sections, and its vocabulary rows.
+    return qwen3_vl_config(tok, _TEXT[size], _VISION[size], max_positions=8192, rope_theta=5_000_000.0,
+                           init=_INIT[size], vocab_size=_PADDED_VOCAB.get(size, 0),
+                           mrope=[24, 20, 20] if size == "8b" else None)
+
+
+def _gemma_config(size: str, tok):
+    vision = (dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   image_size=64, patch_size=8)
+              if size == "tiny" else
+              dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                   image_size=448, patch_size=14))
+    return gemma3_config(tok, _TEXT[size], vision, max_positions=8192, window=8 if size == "tiny" else 512,
+                         init=_INIT[size], mm_tokens=16 if size == "tiny" else 256)
+
+
+def _processor(family: str, size: str, tok, config):
+    # Tests keep images small; the bench shape takes a 448x448 or 896x896 image whole.
+    return processor(family, tok, config, 128 * 128 if size == "tiny" else 1024 * 1024)
 
 
 def _readable_lm_head(model, tok) -> None:

@@ -25,7 +25,6 @@ from . import synthvqa
 from . import tiny
 from .families import family_for
 from .families.base import get_module
-from .tiny import GEMMA_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE
 
 PROBE_SEED = 4321  # the probes logged during training (not a training or test seed)
 END_OF_TURN = {"qwen3-vl": "<|im_end|>", "gemma3": "<end_of_turn>"}
@@ -89,75 +88,24 @@ def train_tokenizer(family: str, vocab_size: int = 768):
 
 # ---- configs ---------------------------------------------------------------------------------
 def qwen_config(tok, layers: int):
-    from transformers import Qwen3VLConfig
-
-    text = dict(TEXT, num_hidden_layers=layers)
-    half = text["head_dim"] // 2
-    mrope = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
-    ids = tok.convert_tokens_to_ids
-    return Qwen3VLConfig(
-        text_config=dict(
-            **text, vocab_size=len(tok), max_position_embeddings=4096, rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 10_000.0, "mrope_section": mrope,
-                             "mrope_interleaved": True},
-            tie_word_embeddings=False, initializer_range=0.02,
-            eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
-        ),
-        vision_config=dict(depth=2, hidden_size=96, intermediate_size=256, num_heads=4,
-                           deepstack_visual_indexes=[0, 1], patch_size=16, spatial_merge_size=2,
-                           temporal_patch_size=2, in_channels=3, out_hidden_size=text["hidden_size"],
-                           num_position_embeddings=144, initializer_range=0.02),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
-    )
+    vision = dict(depth=2, hidden_size=96, intermediate_size=256, num_heads=4, deepstack_visual_indexes=[0, 1],
+                  num_position_embeddings=144, initializer_range=0.02)
+    return tiny.qwen3_vl_config(tok, dict(TEXT, num_hidden_layers=layers), vision, max_positions=4096,
+                                rope_theta=10_000.0, init=0.02, stop_ids=True)
 
 
 def gemma_config(tok, layers: int):
-    from transformers import Gemma3Config
-
-    text = dict(TEXT, num_hidden_layers=layers)
-    ids = tok.convert_tokens_to_ids
-    return Gemma3Config(
-        text_config=dict(
-            **text, vocab_size=len(tok), max_position_embeddings=4096, sliding_window=64,
-            query_pre_attn_scalar=text["head_dim"], rms_norm_eps=1e-6,
-            layer_types=["full_attention" if (i + 1) % 6 == 0 or i == layers - 1 else "sliding_attention"
-                         for i in range(layers)],
-            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
-                             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
-            tie_word_embeddings=False, initializer_range=0.02, pad_token_id=ids("<pad>"),
-            bos_token_id=ids("<bos>"), eos_token_id=[ids("<eos>"), ids("<end_of_turn>")],
-        ),
-        # 96x96 images taken whole: 6x6 patches of 16, average-pooled 2x2 into 3x3 = 9 image tokens, one
-        # column of tokens per third of the image (as Qwen3-VL's 2x2 merge gives).
-        vision_config=dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=synthvqa.IMAGE_SIZE, patch_size=16, model_type="siglip_vision_model",
-                           layer_norm_eps=1e-6),
-        mm_tokens_per_image=9,
-        boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
-        image_token_index=ids("<image_soft_token>"), tie_word_embeddings=False,
-        pad_token_id=ids("<pad>"), bos_token_id=ids("<bos>"), eos_token_id=[ids("<eos>"), ids("<end_of_turn>")],
-    )
+    # 96x96 images taken whole: 6x6 patches of 16, average-pooled 2x2 into 3x3 = 9 image tokens, one
+    # column of tokens per third of the image (as Qwen3-VL's 2x2 merge gives).
+    vision = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=synthvqa.IMAGE_SIZE, patch_size=16)
+    return tiny.gemma3_config(tok, dict(TEXT, num_hidden_layers=layers), vision, max_positions=4096, window=64,
+                              init=0.02, mm_tokens=9, text_stops_at_end_of_turn=True)
 
 
 def make_processor(family: str, tok, config):
-    if family == "qwen3-vl":
-        from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
-
-        # 96x96 images stay 96x96: 6x6 patches of 16, merged 2x2 -> 9 image tokens.
-        size_cfg = {"shortest_edge": 32 * 32, "longest_edge": 96 * 96}
-        image = Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, size=size_cfg,
-                                      image_mean=[0.5] * 3, image_std=[0.5] * 3)
-        video = Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, size=size_cfg)
-        return Qwen3VLProcessor(image_processor=image, tokenizer=tok, video_processor=video,
-                                chat_template=QWEN_CHAT_TEMPLATE)
-    from transformers import Gemma3ImageProcessor, Gemma3Processor
-
-    side = config.vision_config.image_size  # 96: 6x6 patches of 16, pooled to 9 image tokens
-    image = Gemma3ImageProcessor(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    return Gemma3Processor(image_processor=image, tokenizer=tok, chat_template=GEMMA_CHAT_TEMPLATE,
-                           image_seq_length=config.mm_tokens_per_image)
+    # 96x96 images stay 96x96: 6x6 patches of 16, merged (Qwen3-VL) or pooled (Gemma-3) to 9 tokens.
+    return tiny.processor(family, tok, config, 96 * 96)
 
 
 def build_model(family: str, layers: int, seed: int):
