@@ -49,7 +49,7 @@ class DeploymentSettings(_Strict):
     # region: on 2 cores 3000 cut a 448x448 image's TTFT at one client by 5-10% and cost 5-10% of
     # the throughput at 16 clients (docs/performance.md). For latency-bound, lightly loaded replicas.
     omp_spin_count: Optional[int] = Field(None, ge=0, le=10**8)
-    # CPU priority of the stage's replicas (encoder, prefill, decode): every thread at this Linux
+    # CPU priority of the stage's replicas: every thread at this Linux
     # nice (below 15 needs CAP_SYS_NICE). None: as Ray starts a worker (its Python threads at 15,
     # its C++ threads at 0). A trade on shared cores, so off by default: decode at 19 steps in what
     # encoding and prefill leave; on 2 cores, images at 16 clients: TTFT 0.67x, tok/s 1.05x, TPOT
