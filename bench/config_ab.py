@@ -24,7 +24,7 @@ import psutil
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import bench_checkpoint, bodies_for, run_load, write_report  # noqa: E402
+from loadgen import bench_checkpoint, bodies_for, run_load, warm_up, write_report  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROCESSES = {"Encoder": "ServeReplica:popserve:VisionEncoder", "Prefill": "ServeReplica:popserve:Prefill ",
@@ -81,8 +81,7 @@ def run_arm(model: str, base: dict, arm: str, loads, tok, seed: int, max_tokens:
     url, name = f"http://127.0.0.1:{cfg.port}/v1/chat/completions", cfg.model_name()
     out = {}
     try:
-        asyncio.run(run_load(url, bodies_for("text64", name, tok, 3, -1000, 4), 1))  # warm-up
-        asyncio.run(run_load(url, bodies_for("image448", name, tok, 2, -2000, 4), 1))
+        warm_up(url, name, tok, dict.fromkeys(w for w, _, _ in loads))
         for workload, clients, n in loads:
             bodies = bodies_for(workload, name, tok, n, seed, max_tokens)
             seed += n

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import bench_checkpoint, bodies_for, results_tables, run_load  # noqa: E402
+from loadgen import bench_checkpoint, bodies_for, results_tables, run_load, warm_up  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -59,7 +59,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 def drive(url: str, name: str, tok, args, extra: dict, label: str, results: dict) -> None:
     seed = hash(label) % 100000 * 1000
-    asyncio.run(run_load(url, bodies_for("text64", name, tok, 2, seed, 4, extra), 1))  # warm-up
+    warm_up(url, name, tok, args.workloads.split(","), extra)
     for w in args.workloads.split(","):
         for c in map(int, args.concurrency.split(",")):
             seed += 1000

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import bench_checkpoint, chat_body, noise_image_url, run_load, text_prompt, write_report  # noqa: E402
+from loadgen import bench_checkpoint, chat_body, noise_image_url, run_load, text_prompt, warm_up, write_report  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -62,8 +62,8 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(model)
     rows, seed = [], 0
     try:
-        warm = [chat_body(name, text_prompt(tok, 64, -i), None, 4, {"pop": p}) for i, p in enumerate([True, False] * 2)]
-        asyncio.run(run_load(url, warm, 1))
+        for pop in (True, False):  # each prefill deployment, at each prompt shape
+            warm_up(url, name, tok, [f"text{args.text_tokens}", f"image{args.image_side}"], {"pop": pop})
         for workload in ("text", "image"):
             for conc in map(int, args.concurrency.split(",")):
                 n = max(args.requests, conc)
