@@ -96,8 +96,7 @@ class Ingress:
         self.cfg = ServeConfig.model_validate(cfg)
         # Keys may also come from the environment (e.g. a Kubernetes Secret), never logged.
         self.cfg.api_keys = api_keys(self.cfg.api_keys, os.environ)
-        if self.cfg.ingress.nice is not None:
-            set_nice(self.cfg.ingress.nice)
+        set_nice(self.cfg.ingress.nice)
         self.encoder, self.prefill, self.prefill_full, self.decode = encoder, prefill, prefill_full, decode
         self.builder = PromptBuilder(self.cfg.model)
         self.model_name = self.cfg.model_name()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Optional
 
 from ..config import DeploymentSettings, ServeConfig
 
@@ -16,13 +17,14 @@ def setup_replica(cfg: ServeConfig, stage: DeploymentSettings) -> None:
     # Ray pins OMP_NUM_THREADS to an actor's num_cpus (1 when 0): a prefill replica would use one
     # core. Default to every core; the stage's torch_threads partitions a node between replicas.
     torch.set_num_threads(stage.torch_threads or os.cpu_count() or 1)
-    if stage.nice is not None:
-        set_nice(stage.nice)
+    set_nice(stage.nice)
 
 
-def set_nice(nice: int) -> None:
-    """Every thread of this process at `nice`: Linux keeps a nice value per thread, and Ray's
-    threads already run. Threads started later inherit their creator's."""
+def set_nice(nice: Optional[int]) -> None:
+    """Every thread of this process at `nice` (None: as Ray started them): Linux keeps a nice value
+    per thread, and Ray's threads already run. Threads started later inherit their creator's."""
+    if nice is None:
+        return
     tasks, denied = "/proc/self/task", 0
     for tid in os.listdir(tasks) if os.path.isdir(tasks) else [0]:
         try:
