@@ -57,6 +57,17 @@ class DeploymentSettings(_Strict):
     nice: Optional[int] = Field(None, ge=0, le=19)
 
 
+# Stage defaults that differ from DeploymentSettings' own. A stage given in part (`decode:
+# {num_replicas: 2}`) keeps the rest of them, as prefill_full given in part keeps prefill's.
+STAGE_DEFAULTS: dict[str, dict] = {
+    # The Ingress's torch work is the image processor's (torchvision ops): one thread.
+    "ingress": {"max_ongoing_requests": 256, "torch_threads": 1},
+    # Decode runs one thread: its small matmuls lose more to thread barriers than they gain
+    # (bench: 86 ms/step at 1 thread vs 98 at 2, batch 1), and the other core stays free for prefill.
+    "decode": {"max_ongoing_requests": 128, "torch_threads": 1},
+}
+
+
 class Limits(_Strict):
     max_request_bytes: int = Field(20 * 2**20, ge=1024)
     max_images_per_request: int = Field(4, ge=0)
@@ -119,17 +130,31 @@ class ServeConfig(_Strict):
     # their KV early: with a count limit, 8 prompts of 2048 tokens all waited for one 47 s batch.
     prefill_batch_tokens: int = Field(4096, ge=1)
 
-    ingress: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(max_ongoing_requests=256))
+    ingress: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(**STAGE_DEFAULTS["ingress"]))
     encoder: DeploymentSettings = Field(default_factory=DeploymentSettings)
     prefill: DeploymentSettings = Field(default_factory=DeploymentSettings)
     prefill_full: Optional[DeploymentSettings] = None  # None: the same settings as prefill
-    # Decode runs one thread: its small matmuls lose more to thread barriers than they gain
-    # (bench: 86 ms/step at 1 thread vs 98 at 2, batch 1), and the other core stays free for prefill.
-    decode: DeploymentSettings = Field(
-        default_factory=lambda: DeploymentSettings(max_ongoing_requests=128, torch_threads=1))
+    decode: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(**STAGE_DEFAULTS["decode"]))
     engine: DecodeEngine = Field(default_factory=DecodeEngine)
     limits: Limits = Field(default_factory=Limits)
     media: Media = Field(default_factory=Media)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stages_given_in_part(cls, data: Any) -> Any:
+        """Per-stage settings given as a mapping fill in over that stage's defaults, not the
+        class's: `decode: {nice: 19}` must not also move decode to every core."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for stage, defaults in STAGE_DEFAULTS.items():
+            if isinstance(data.get(stage), dict):
+                data[stage] = {**defaults, **data[stage]}
+        prefill = data.get("prefill")
+        if isinstance(data.get("prefill_full"), dict):
+            base = prefill.model_dump() if isinstance(prefill, DeploymentSettings) else (prefill or {})
+            data["prefill_full"] = {**base, **data["prefill_full"]}
+        return data
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from popserve.models.prompt import PromptBuilder
 
 from .config import ServeConfig
-from .deployments.common import set_nice
+from .deployments.common import replica_info, setup_replica
 from .engine.detokenize import Detokenizer
 from .errors import (REPLICA_RETRIES, RETRY_BACKOFF_S, BadRequest, NotFound, PayloadTooLarge, ServeError, StageFailed,
                      Unauthorized, from_exception)
@@ -96,7 +96,7 @@ class Ingress:
         self.cfg = ServeConfig.model_validate(cfg)
         # Keys may also come from the environment (e.g. a Kubernetes Secret), never logged.
         self.cfg.api_keys = api_keys(self.cfg.api_keys, os.environ)
-        set_nice(self.cfg.ingress.nice)
+        setup_replica(self.cfg, self.cfg.ingress)  # torch threads (the image processor) and nice
         self.encoder, self.prefill, self.prefill_full, self.decode = encoder, prefill, prefill_full, decode
         self.builder = PromptBuilder(self.cfg.model)
         self.model_name = self.cfg.model_name()
@@ -134,6 +134,10 @@ class Ingress:
         except ServeError as exc:
             return self.error_response(exc, _request_id())
         return ModelList(data=[ModelCard(id=self.model_name, created=self.created)])
+
+    def stats(self) -> dict:
+        """This replica's process and thread layout, as every stage reports it."""
+        return replica_info()
 
     def _stages(self) -> dict:
         stages = {"encoder": self.encoder, "prefill": self.prefill, "decode": self.decode}

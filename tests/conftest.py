@@ -47,7 +47,7 @@ def gemma_dir(tiny_dirs):
     return tiny_dirs["gemma3"]
 
 
-from popserve_testing import ENCODER_OMP_SPIN, NICE, STREAM_INTERVAL, Server, deploy, free_port, server_config  # noqa: E402
+from popserve_testing import ENCODER_OMP_SPIN, INGRESS_TORCH_THREADS, NICE, STREAM_INTERVAL, Server, deploy, free_port, server_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +70,8 @@ def servers(ray_cluster, tiny_dirs):
     for fam, d in tiny_dirs.items():
         cfg = server_config(d, engine={"stream_interval": STREAM_INTERVAL[fam]},
                             encoder={"omp_spin_count": ENCODER_OMP_SPIN[fam]},
-                            decode={"nice": NICE[fam].get("Decode")}, ingress={"nice": NICE[fam].get("Ingress")})
+                            decode={"nice": NICE[fam].get("Decode")},
+                            ingress={"nice": NICE[fam].get("Ingress"), "torch_threads": INGRESS_TORCH_THREADS[fam]})
         out[fam] = Server(fam, deploy(ray_cluster, fam, cfg), cfg.model_name(), d, fam)
     return out
 

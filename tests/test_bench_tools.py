@@ -114,6 +114,10 @@ def test_config_ab_arms_are_validated_serve_configs():
     cfg = ServeConfig.model_validate(config_ab.merged({**config_ab.BASE, "model": "m"}, arm))
     assert (cfg.engine.stream_interval, cfg.engine.max_seq_len) == (4, config_ab.BASE["engine"]["max_seq_len"])
     assert (cfg.encoder.omp_spin_count, cfg.prefill.omp_spin_count, cfg.dtype) == (3000, None, "bfloat16")
+    # A stage's setting keeps the stage's other defaults (decode's one thread), so an arm differs
+    # from the base in what it names only.
+    nice = ServeConfig.model_validate(config_ab.merged({**config_ab.BASE, "model": "m"}, config_ab.parse_arm("decode.nice=19")))
+    assert nice.decode == cfg.decode.model_copy(update={"nice": 19}) and nice.decode.torch_threads == 1
     with pytest.raises(ValidationError):
         ServeConfig.model_validate(config_ab.merged({"model": "m"}, config_ab.parse_arm("engine.stream_intervl=4")))
     assert config_ab.parse_loads("image448:8:20,text64:1:10") == [("image448", 8, 20), ("text64", 1, 10)]

@@ -174,8 +174,7 @@ def test_nice_reaches_every_thread_of_its_stage_only(servers):
 
     for fam, server in servers.items():
         pids = {stage: serve.get_deployment_handle(stage, app_name=server.app_name).stats.remote().result()["pid"]
-                for stage in ("VisionEncoder", "Prefill", "Decode")}
-        pids["Ingress"], = pids_titled(f"ServeReplica:{server.app_name}:Ingress")  # no stats() handle
+                for stage in ("VisionEncoder", "Prefill", "Decode", "Ingress")}
         for stage, pid in pids.items():
             nices, want = thread_nices(pid), NICE[fam].get(stage)
             if want is not None:
@@ -212,19 +211,6 @@ def test_set_nice_reaches_every_thread_and_says_which_it_could_not_lower():
     assert len(res["logged"]) == 1 and "nice 0:" in res["logged"][0] and "CAP_SYS_NICE" in res["logged"][0], res
 
 
-def pids_titled(title: str) -> list[int]:
-    """Processes whose command line (Ray's process title) contains `title`."""
-    out = []
-    for d in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                if title in f.read().replace(b"\0", b" ").decode(errors="replace"):
-                    out.append(int(d))
-        except OSError:  # gone meanwhile
-            pass
-    return out
-
-
 def thread_nices(pid: int) -> set[int]:
     """The nice value of every thread of a process (field 19 of /proc/PID/task/TID/stat)."""
     out = set()
@@ -235,6 +221,24 @@ def thread_nices(pid: int) -> set[int]:
         except FileNotFoundError:  # the thread ended meanwhile
             pass
     return out
+
+
+def test_a_stage_given_in_part_keeps_its_own_defaults():
+    """`decode: {num_replicas: 2}` (a YAML file, KubeRay's args, a bench arm) changes that and only
+    that: decode keeps its one thread and 128 streams, the Ingress its 256 requests, and
+    prefill_full given in part keeps prefill's settings. An explicit null still means "unset"."""
+    from popserve.service.config import ServeConfig
+
+    default = ServeConfig()
+    cfg = ServeConfig.model_validate({"decode": {"num_replicas": 2}, "ingress": {"nice": 16},
+                                      "prefill": {"torch_threads": 1, "max_ongoing_requests": 8},
+                                      "prefill_full": {"num_replicas": 3}})
+    assert cfg.decode == default.decode.model_copy(update={"num_replicas": 2})
+    assert cfg.ingress == default.ingress.model_copy(update={"nice": 16})
+    assert (default.decode.torch_threads, default.ingress.max_ongoing_requests) == (1, 256)
+    assert cfg.prefill_full == cfg.prefill.model_copy(update={"num_replicas": 3})
+    assert ServeConfig.model_validate({"decode": {"torch_threads": None}}).decode.torch_threads is None
+    assert ServeConfig.model_validate(cfg.model_dump()) == cfg  # a dumped config reads back the same
 
 
 @pytest.mark.parametrize("zero_copy", [True, False])
@@ -427,16 +431,20 @@ def test_stages_are_separate_actors_and_prefill_is_pruned(servers):
     import ray
     from ray import serve
 
+    from popserve_testing import INGRESS_TORCH_THREADS
+
     server = servers["qwen3-vl"]
     named = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
     pids = {}
-    for stage in ("VisionEncoder", "Prefill", "PrefillFull", "Decode"):
+    for stage in ("VisionEncoder", "Prefill", "PrefillFull", "Decode", "Ingress"):
         assert any(f"{server.app_name}#{stage}#" in n for n in named), f"no replica actor for {stage}: {named}"
         info = serve.get_deployment_handle(stage, app_name=server.app_name).stats.remote().result()
         pids[stage] = info["pid"]
         # Each stage runs its own configured thread count (tests: 1; the default would be every
-        # core) and waits passively, so that stages sharing cores don't spin against each other.
-        assert info["torch_threads"] == 1 and info["omp_wait_policy"] == "PASSIVE", (stage, info)
+        # core; the Ingress's image processor 1, which this test server sets to 2) and waits
+        # passively, so that stages sharing cores don't spin against each other.
+        threads = INGRESS_TORCH_THREADS[server.family] if stage == "Ingress" else 1
+        assert info["torch_threads"] == threads and info["omp_wait_policy"] == "PASSIVE", (stage, info)
         # glibc keeps freed activations instead of page-faulting them in again on every prefill.
         assert int(info["malloc_trim_threshold"]) >= 2**30, (stage, info)
     assert len(set(pids.values())) == len(pids), f"stages share a process: {pids}"
