@@ -1,7 +1,8 @@
-"""Prometheus metrics of the ingress, plus gauges refreshed from the stages at scrape time."""
+"""Prometheus metrics of the ingress, plus the stages' own numbers, refreshed at scrape time."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 ITL = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1)
@@ -32,42 +33,79 @@ class Metrics:
         self.running = Gauge("popserve_decode_running_sequences", "Sequences in the decode batch", registry=r)
         self.kv_in_use = Gauge("popserve_decode_kv_bytes_in_use", "KV bytes held by running sequences", registry=r)
         self.kv_pool = Gauge("popserve_decode_kv_pool_bytes", "Preallocated KV pool bytes", registry=r)
-        self.kv_handed = Gauge("popserve_kv_handoff_bytes_total", "KV bytes handed from prefill to decode",
-                               registry=r)
-        self.handoff_s = Gauge("popserve_kv_handoff_seconds_total",
-                               "Summed time from prefill end to KV in the decode pool", registry=r)
-        self.handoffs = Gauge("popserve_kv_handoffs_total", "KV handoffs received by decode", registry=r)
         self.skipped = Gauge("popserve_pop_layers_skipped", "Decoder layers skipped in prefill", ["deployment"],
                              registry=r)
-        self.busy = Gauge("popserve_stage_busy_seconds_total", "Compute time spent by each stage (one replica)",
-                          ["stage"], registry=r)
-        self.batches = Gauge("popserve_stage_batches_total", "Batches (decode: steps) run by each stage (one replica)",
-                             ["stage"], registry=r)
         self.layers = Gauge("popserve_model_layers", "Decoder layers of the served model", registry=r)
-        self.cache_hits = Gauge("popserve_encoder_cache_hits_total", "Image feature cache hits", registry=r)
+        # The stages' cumulative numbers are counters (popserve_*_total), served by a collector
+        # from the latest stats snapshot rather than set on gauges.
+        self.stage_counters = StageCounters()
+        r.register(self.stage_counters)
 
     def refresh(self, stats: dict[str, dict]) -> None:
-        enc, dec = stats.get("encoder", {}), stats.get("decode", {})
+        dec = stats.get("decode", {})
         for name in ("encoder", "prefill", "prefill_full"):
             if name in stats:
                 self.queue.labels(name).set(stats[name].get("in_flight", 0))
-        for name, s in stats.items():
-            self.busy.labels(name).set(s["busy_seconds"])
-            self.batches.labels(name).set(s.get("batches", s.get("steps", 0)))
         if dec:
             self.queue.labels("decode").set(dec["waiting"])
             self.running.set(dec["running"])
             self.kv_in_use.set(dec["kv_bytes_in_use"])
             self.kv_pool.set(dec["kv_pool_bytes"])
-            self.kv_handed.set(dec["handoff_bytes"])
-            self.handoff_s.set(dec["handoff_seconds"])
-            self.handoffs.set(dec["handoffs"])
         for name in ("prefill", "prefill_full"):
             if name in stats:
                 self.skipped.labels(name).set(stats[name]["skipped_layers"])
                 self.layers.set(stats[name]["num_layers"])
-        if enc:
-            self.cache_hits.set(enc["cache_hits"])
+        self.stage_counters.update(stats)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class StageCounters:
+    """Custom collector: the stages' cumulative stats() values as Prometheus counters.
+
+    The values live in the stage replicas, so the ingress cannot inc() them; it keeps the latest
+    snapshot per stage (a stage that did not answer a scrape keeps its last one, as the gauges
+    do) and yields CounterMetricFamily samples from it on every collect.
+
+    A snapshot is one replica's count since that replica started, so when a replica restarts the
+    value goes down (to its new count). That is fine: Prometheus reads any drop as a counter reset
+    and rate()/increase() carry on from the new value. (A stage with several replicas answers each
+    scrape from one of them, so its series mixes replicas and every switch to a lower one reads as
+    a reset too: rate() then overcounts. As the help says, these are one replica's numbers.)
+    """
+
+    # (metric name without _total, help, stage, stats key); the exposed samples are <name>_total.
+    UNLABELLED = (
+        ("popserve_kv_handoff_bytes", "KV bytes handed from prefill to decode", "decode", "handoff_bytes"),
+        ("popserve_kv_handoff_seconds", "Summed time from prefill end to KV in the decode pool", "decode",
+         "handoff_seconds"),
+        ("popserve_kv_handoffs", "KV handoffs received by decode", "decode", "handoffs"),
+        ("popserve_encoder_cache_hits", "Image feature cache hits", "encoder", "cache_hits"),
+    )
+    BUSY = ("popserve_stage_busy_seconds", "Compute time spent by each stage (one replica)")
+    BATCHES = ("popserve_stage_batches", "Batches (decode: steps) run by each stage (one replica)")
+
+    def __init__(self):
+        self._stats: dict[str, dict] = {}
+
+    def update(self, stats: dict[str, dict]) -> None:
+        self._stats = {**self._stats, **stats}
+
+    def describe(self):  # names only, so the registry rejects a clash with another metric
+        for name, doc, *_ in self.UNLABELLED:
+            yield CounterMetricFamily(name, doc)
+        for name, doc in (self.BUSY, self.BATCHES):
+            yield CounterMetricFamily(name, doc, labels=["stage"])
+
+    def collect(self):
+        stats = self._stats
+        for name, doc, stage, key in self.UNLABELLED:
+            # 0 until the stage first answers, like an unlabelled prometheus_client Counter
+            yield CounterMetricFamily(name, doc, value=stats.get(stage, {}).get(key, 0))
+        busy, batches = (CounterMetricFamily(name, doc, labels=["stage"]) for name, doc in (self.BUSY, self.BATCHES))
+        for stage, s in stats.items():
+            busy.add_metric([stage], s["busy_seconds"])
+            batches.add_metric([stage], s.get("batches", s.get("steps", 0)))
+        yield busy
+        yield batches

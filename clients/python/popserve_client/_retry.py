@@ -21,18 +21,32 @@ _random = random.random
 class RetryPolicy:
     max_retries: int = 3  # retries after the first attempt
     initial_backoff: float = 0.5  # seconds before the first retry
-    max_backoff: float = 8.0
+    max_backoff: float = 8.0  # caps the client's own schedule, not a longer Retry-After
     multiplier: float = 2.0
-    # Up to this fraction of each wait is removed at random, so clients that failed together
-    # do not all come back at the same instant.
+    # A random fraction (up to this) of each wait, so clients that failed together do not all
+    # come back at the same instant: removed from the client's own backoff, added on top of a
+    # wait floored by Retry-After (never less than the server asked for).
     jitter: float = 0.25
-    # Seconds from the first attempt: no retry is started if its wait would end past this.
+    # Seconds from the first attempt: no retry is started if its wait (jitter included) would
+    # end past this.
     total_budget: float = 30.0
 
-    def backoff(self, retry_number: int) -> float:
-        """The wait before retry number `retry_number` (1-based), jitter included."""
+    def backoff(self, retry_number: int, retry_after: Optional[float] = None) -> float:
+        """The wait before retry number `retry_number` (1-based), jitter included.
+
+        Without `retry_after`: b(n) = min(max_backoff, initial_backoff * multiplier**(n-1)),
+        shortened by up to `jitter` of itself, so in [b(n) * (1 - jitter), b(n)].
+
+        With the server's `retry_after` (seconds): it is a lower bound, not the whole answer. A
+        server that always says `Retry-After: 1` would otherwise get every client back after
+        exactly 1 s, every time, all together. The wait is max(retry_after, b(n)) lengthened by up
+        to `jitter` of itself, so in [floor, floor * (1 + jitter)]: it still grows retry by
+        retry, spreads clients out, and is never shorter than Retry-After.
+        """
         delay = min(self.max_backoff, self.initial_backoff * self.multiplier ** (retry_number - 1))
-        return delay * (1.0 - self.jitter * _random())
+        if retry_after is None:
+            return delay * (1.0 - self.jitter * _random())
+        return max(retry_after, delay) * (1.0 + self.jitter * _random())
 
 
 NO_RETRY = RetryPolicy(max_retries=0)
@@ -59,8 +73,8 @@ class RetryBudget:
         if not is_retryable(error) or self.retries >= self.policy.max_retries:
             return None
         retry_after = error.retry_after if isinstance(error, APIStatusError) else None
-        # The server knows best when it will have room again.
-        delay = retry_after if retry_after is not None else self.policy.backoff(self.retries + 1)
+        # The server's Retry-After is a floor under our own backoff and jitter (see backoff()).
+        delay = self.policy.backoff(self.retries + 1, retry_after)
         if _monotonic() - self.started + delay > self.policy.total_budget:
             return None
         self.retries += 1

@@ -211,3 +211,91 @@ async def test_async_client_respects_the_budget(server, clock):
             await client.chat(prompt="hi", model="tiny-vl")
     assert route.call_count == 3
     assert clock.sleeps == [1.0, 2.0]
+
+
+# Retry-After is a floor under the client's own backoff and jitter, not the whole wait: a server
+# that always answers overload with `Retry-After: 1` must not get every client back after exactly
+# 1 s, every time, all at once.
+
+
+def test_retry_after_is_a_floor_under_growing_backoff(server, clock, policy, completion):
+    policy = dataclasses.replace(policy, max_retries=4)  # no jitter: backoff 0.5, 1, 2, 4
+    ok = httpx.Response(200, json=completion())
+    route = server.post(CHAT).mock(side_effect=[overloaded(503, "1")] * 4 + [ok])
+    with Client(BASE_URL, retry=policy) as client:
+        assert ask(client).text == "a red square"
+    assert route.call_count == 5
+    assert clock.sleeps == [1.0, 1.0, 2.0, 4.0]  # max(1, backoff): it grows past Retry-After
+
+
+def test_jitter_is_added_on_top_of_retry_after_never_below_it(server, clock, monkeypatch):
+    draws = iter([0.0, 1.0, 0.5])
+    monkeypatch.setattr(_retry, "_random", lambda: next(draws))
+    policy = RetryPolicy(max_retries=3, initial_backoff=0.5, multiplier=2.0, jitter=0.5, total_budget=60.0)
+    route = server.post(CHAT).mock(return_value=overloaded(429, "1"))
+    with Client(BASE_URL, retry=policy) as client, pytest.raises(RateLimitError):
+        ask(client)
+    assert route.call_count == 4
+    # floors max(1, 0.5), max(1, 1), max(1, 2), each lengthened by jitter * draw
+    assert clock.sleeps == [1.0 * 1.0, 1.0 * 1.5, 2.0 * 1.25]
+    assert all(wait >= 1.0 for wait in clock.sleeps)
+
+
+def test_jittered_waits_with_retry_after_stay_within_bounds():
+    policy = RetryPolicy(initial_backoff=0.5, jitter=0.25)
+    waits = [policy.backoff(1, retry_after=1.0) for _ in range(200)]
+    assert all(1.0 <= w <= 1.25 for w in waits)
+    assert len(set(waits)) > 1  # really random: the server's floor is not the whole answer
+
+
+def test_clients_turned_away_together_come_back_at_different_times(server, clock, monkeypatch, completion):
+    policy = RetryPolicy(max_retries=3, initial_backoff=0.5, jitter=0.25, total_budget=60.0)
+    ok = httpx.Response(200, json=completion())
+    server.post(CHAT).mock(side_effect=[overloaded(503, "1"), ok, overloaded(503, "1"), ok])
+    waits = []
+    for draw in (0.2, 0.8):  # two clients, two different random draws
+        monkeypatch.setattr(_retry, "_random", lambda draw=draw: draw)
+        clock.sleeps.clear()
+        with Client(BASE_URL, retry=policy) as client:
+            ask(client)
+        waits.append(clock.sleeps[0])
+    assert waits == [pytest.approx(1.05), pytest.approx(1.2)]
+    assert waits[0] != waits[1]
+    assert min(waits) >= 1.0
+
+
+async def test_async_client_uses_retry_after_as_a_floor_too(server, clock, policy):
+    route = server.post(CHAT).mock(return_value=overloaded(503, "1"))
+    async with AsyncClient(BASE_URL, retry=policy) as client:
+        with pytest.raises(ServiceUnavailableError):
+            await client.chat(prompt="hi", model="tiny-vl")
+    assert route.call_count == 4
+    assert clock.sleeps == [1.0, 1.0, 2.0]
+
+
+def test_budget_still_stops_retries_when_retry_after_is_a_floor(server, clock):
+    # Waits max(1, 0.5 * 2**k): 1, 1, 2 (4 s in all); the next, 4, would end at 8 > 5: give up.
+    policy = RetryPolicy(max_retries=10, initial_backoff=0.5, jitter=0.0, max_backoff=60.0, total_budget=5.0)
+    route = server.post(CHAT).mock(return_value=overloaded(503, "1"))
+    with Client(BASE_URL, retry=policy) as client, pytest.raises(ServiceUnavailableError):
+        ask(client)
+    assert clock.sleeps == [1.0, 1.0, 2.0]
+    assert route.call_count == 4
+    assert sum(clock.sleeps) <= policy.total_budget
+
+
+def test_budget_counts_the_jitter_added_to_retry_after(server, clock, monkeypatch, completion):
+    # Retry-After 2 fits a 2.2 s budget; lengthened by 25% (2.5 s) it would end past it.
+    policy = RetryPolicy(max_retries=3, initial_backoff=0.5, jitter=0.25, total_budget=2.2)
+    busy, ok = overloaded(503, "2"), httpx.Response(200, json=completion())
+    route = server.post(CHAT).mock(side_effect=[busy, busy, ok])  # two clients, one after the other
+    monkeypatch.setattr(_retry, "_random", lambda: 1.0)  # the longest jitter: over the budget
+    with Client(BASE_URL, retry=policy) as client, pytest.raises(ServiceUnavailableError):
+        ask(client)
+    assert route.call_count == 1
+    assert clock.sleeps == []
+    monkeypatch.setattr(_retry, "_random", lambda: 0.0)  # no jitter: Retry-After alone fits
+    with Client(BASE_URL, retry=policy) as client:
+        assert ask(client).text == "a red square"
+    assert route.call_count == 3
+    assert clock.sleeps == [2.0]
