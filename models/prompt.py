@@ -34,6 +34,20 @@ class PromptBuilder:
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.tokenizer = self.processor.tokenizer
         self.eos_token_ids = self._eos_ids(model_dir)
+        # Text that spells a control token (<|im_start|>, <start_of_turn>, ...) would become that
+        # token: a user could forge turns or image slots. Longest first, so the message names the whole.
+        self.control_tokens = sorted({t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
+                                     | set(self.tokenizer.all_special_tokens), key=len, reverse=True)
+        self.max_token_chars = max(map(len, self.tokenizer.get_vocab()))
+
+    def control_token_in(self, text: str) -> Optional[str]:
+        return next((t for t in self.control_tokens if t in text), None)
+
+    def min_tokens(self, texts: list[str]) -> int:
+        """A lower bound on the tokens these texts become, without tokenizing them: no token
+        covers more characters than the longest in the vocabulary, and Unicode normalisation
+        merges at most a few characters into one (hence the margin of 4)."""
+        return sum(map(len, texts)) // (4 * self.max_token_chars)
 
     def _eos_ids(self, model_dir: Path) -> tuple[int, ...]:
         from transformers import GenerationConfig

@@ -16,11 +16,12 @@ from typing import AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from jinja2 import TemplateError
 from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from popserve.models.prompt import PromptBuilder
+from popserve.models.prompt import Prompt, PromptBuilder
 
 from .config import ServeConfig
 from .deployments.common import replica_info, setup_replica
@@ -30,7 +31,7 @@ from .errors import (REPLICA_RETRIES, RETRY_BACKOFF_S, BadRequest, NotFound, Pay
 from .media import load_image
 from .metrics import Metrics
 from .protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta,
-                       ModelCard, ModelList, ResponseMessage, Usage)
+                       ModelCard, ModelList, ResponseMessage, Usage, describe, unsupported_parameter)
 
 logger = logging.getLogger("ray.serve")
 app = FastAPI(title="popserve", description="OpenAI-compatible chat completions with POP prefill")
@@ -81,6 +82,15 @@ async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
         await rest.aclose()
 
 
+def build_prompt(builder: PromptBuilder, messages: list[dict], images: list) -> Prompt:
+    """The prompt, or a 400 for what the chat template or processor refuses (a template's
+    raise_exception, e.g. Gemma-3's "roles must alternate", is a TemplateError)."""
+    try:
+        return builder.build(messages, images)
+    except (ValueError, TypeError, TemplateError) as exc:
+        raise BadRequest(f"cannot build the prompt: {exc}", param="messages") from None
+
+
 def _request_id() -> str:
     """Serve gives every request an id (the client's x-request-id header when sent) and echoes
     it in the response's x-request-id header; logs carry it too."""
@@ -101,8 +111,9 @@ class Ingress:
         self.builder = PromptBuilder(self.cfg.model)
         self.model_name = self.cfg.model_name()
         text_cfg = self.builder.family.text_config
-        self.max_context = min(self.cfg.engine.max_seq_len, text_cfg.max_position_embeddings,
-                               self.cfg.limits.max_prompt_tokens or 1 << 30)
+        self.max_context = min(self.cfg.engine.max_seq_len, text_cfg.max_position_embeddings)
+        # Prompt + at least one new token fit the context; limits.max_prompt_tokens caps the prompt alone.
+        self.max_prompt = min(self.max_context - 1, self.cfg.limits.max_prompt_tokens or 1 << 30)
         self.metrics = Metrics()
         self.created = int(time.time())
 
@@ -134,6 +145,17 @@ class Ingress:
         except ServeError as exc:
             return self.error_response(exc, _request_id())
         return ModelList(data=[ModelCard(id=self.model_name, created=self.created)])
+
+    @app.get("/v1/models/{model_id:path}")  # a hub id has a slash in it
+    async def model(self, model_id: str, request: Request):
+        try:
+            self.authorize(request)
+            if model_id != self.model_name:
+                raise NotFound(f"model {model_id!r} does not exist; this server serves {self.model_name!r}",
+                               param="model", code="model_not_found")
+        except ServeError as exc:
+            return self.error_response(exc, _request_id())
+        return ModelCard(id=self.model_name, created=self.created)
 
     def stats(self) -> dict:
         """This replica's process and thread layout, as every stage reports it."""
@@ -221,12 +243,15 @@ class Ingress:
             raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
         if not isinstance(data, dict):
             raise BadRequest("request body must be a JSON object", code="invalid_json")
+        unsupported = unsupported_parameter(data)
+        if unsupported:
+            raise BadRequest(f"{unsupported} is not supported by this server", param=unsupported,
+                             code="unsupported_parameter")
         try:
             req = ChatCompletionRequest.model_validate(data)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            raise BadRequest(f"{loc}: {err['msg']}", param=loc or None, code="invalid_value") from None
+            loc, msg = describe(exc)
+            raise BadRequest(f"{loc}: {msg}" if loc else msg, param=loc or None, code="invalid_value") from None
         if req.model != self.model_name:
             raise NotFound(f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
@@ -236,31 +261,37 @@ class Ingress:
 
     async def _prepare(self, req: ChatCompletionRequest) -> dict:
         lim = self.cfg.limits
-        urls, messages = [], []
+        urls, messages, texts = [], [], []
         for m in req.messages:
             if isinstance(m.content, str):
                 messages.append({"role": m.role, "content": m.content})
+                texts.append(m.content)
                 continue
             parts = []
             for p in m.content:
                 if p.type == "text":
                     parts.append({"type": "text", "text": p.text})
+                    texts.append(p.text)
                 else:
                     urls.append(p.image_url.url)
                     parts.append({"type": "image"})
             messages.append({"role": m.role, "content": parts})
+        for text in texts:
+            if (token := self.builder.control_token_in(text)) is not None:
+                raise BadRequest(f"message text contains the model's control token {token!r}", param="messages",
+                                 code="invalid_value")
+        if (least := self.builder.min_tokens(texts)) > self.max_prompt:  # before spending a core on it
+            raise BadRequest(f"prompt is at least {least} tokens; {self._prompt_limit()}", param="messages",
+                             code="context_length_exceeded")
         if len(urls) > lim.max_images_per_request:
             raise BadRequest(f"{len(urls)} images; at most {lim.max_images_per_request} per request",
                              param="messages", code="too_many_images")
         images = await asyncio.gather(*(load_image(u, self.cfg.media, lim) for u in urls))
-        try:
-            prompt = await asyncio.to_thread(self.builder.build, messages, [i.image for i in images])
-        except (ValueError, TypeError) as exc:
-            raise BadRequest(f"cannot build the prompt: {exc}", param="messages") from None
+        prompt = await asyncio.to_thread(build_prompt, self.builder, messages, [i.image for i in images])
         n = prompt.num_tokens
-        if n + 1 > self.max_context:
-            raise BadRequest(f"prompt is {n} tokens; the context length is {self.max_context}",
-                             param="messages", code="context_length_exceeded")
+        if n > self.max_prompt:
+            raise BadRequest(f"prompt is {n} tokens; {self._prompt_limit()}", param="messages",
+                             code="context_length_exceeded")
         asked = req.requested_max_tokens()
         if asked is not None and asked > lim.max_tokens_limit:
             raise BadRequest(f"max_tokens {asked} exceeds this server's limit {lim.max_tokens_limit}",
@@ -273,6 +304,11 @@ class Ingress:
         params = {"max_new_tokens": max_tokens, "temperature": temperature, "top_p": req.top_p,
                   "top_k": req.top_k, "seed": req.seed}
         return {"prompt": prompt, "digests": [i.digest for i in images], "params": params}
+
+    def _prompt_limit(self) -> str:
+        if self.max_prompt < self.max_context - 1:
+            return f"this server takes at most {self.max_prompt} prompt tokens (limits.max_prompt_tokens)"
+        return f"the context length is {self.max_context}"
 
     def _launch(self, req: ChatCompletionRequest, prepared: dict):
         """Wire the stages by reference; nothing big comes back through this process. Decode

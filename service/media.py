@@ -18,6 +18,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 from PIL import Image
+from qwen_vl_utils.vision_process import to_rgb
 
 from .config import Limits, Media
 from .errors import BadRequest, PayloadTooLarge
@@ -48,7 +49,11 @@ def _decode(data: bytes, limits: Limits, what: str) -> LoadedImage:
         raise BadRequest(f"{what} has no pixels", param="messages", code="invalid_image")
     try:
         img.load()
-        img = img.convert("RGB")
+        # Transparent pixels onto white, as qwen-vl-utils does (a bare convert("RGB") keeps whatever
+        # colour they happen to hold).
+        if img.mode != "RGBA" and (img.mode in ("LA", "PA") or "transparency" in img.info):
+            img = img.convert("RGBA")
+        img = to_rgb(img)
     except Exception as exc:  # truncated or corrupt data
         raise BadRequest(f"{what} could not be decoded ({exc.__class__.__name__}: {exc})",
                          param="messages", code="invalid_image") from None

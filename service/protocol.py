@@ -1,9 +1,9 @@
 """The OpenAI chat-completions wire format (the subset popserve serves), validated by pydantic."""
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ImageURL(BaseModel):
@@ -21,13 +21,22 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
-ContentPart = Union[TextPart, ImagePart]
+# Tagged by "type", so that a part of another type gets one clear error instead of one per kind.
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
     content: Union[str, list[ContentPart]]
     name: Optional[str] = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _string_or_parts(cls, v):
+        if not isinstance(v, (str, list)):
+            raise ValueError("content must be a string or a list of parts ({type: text, text} or "
+                             "{type: image_url, image_url: {url}})")
+        return v
 
     @field_validator("content")
     @classmethod
@@ -41,8 +50,32 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI parameters this server does not implement, with the values that ask for nothing: a
+# request that sets one to anything else is refused rather than answered without it.
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []),
+               "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+               "response_format": (None, {"type": "text"}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+               "logit_bias": (None, {}), "prediction": (None,), "audio": (None,), "modalities": (None, ["text"])}
+
+
+def unsupported_parameter(data: dict) -> Optional[str]:
+    """The first parameter in a request body that asks for something this server does not do."""
+    return next((name for name, harmless in UNSUPPORTED.items() if name in data and data[name] not in harmless), None)
+
+
+def describe(exc: ValidationError) -> tuple[str, str]:
+    """(where, what) of a validation error, for a 400: the deepest error (the one inside a list of
+    content parts rather than "not a string"), with pydantic's union-branch names left out."""
+    err = max(exc.errors(), key=lambda e: len(e["loc"]))
+    loc = [p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p == "str"))]
+    loc = [p for i, p in enumerate(loc) if loc[i + 1:i + 2] != [p]]  # a part's tag, then its field of that name
+    return ".".join(map(str, loc)), err["msg"].removeprefix("Value error, ")
+
+
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields are accepted and ignored
+    # Unknown fields are ignored (OpenAI adds new ones often); the known ones are typed strictly
+    # ("stream": "yes" is an error, not True), and null means the default, as in OpenAI's API.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
@@ -57,6 +90,20 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     pop: bool = True  # popserve extension: False runs full-depth prefill (A/B checks)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v is not None or k == "model"}
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _string_or_strings(cls, v):
+        if not isinstance(v, (str, list)):
+            raise ValueError("stop must be a string or a list of strings")
+        return v
 
     @field_validator("stop", mode="after")
     @classmethod

@@ -79,3 +79,15 @@ def test_detokenizer_takes_a_message_up_to_its_stop_string(qwen_dir):
     assert tokenizer.decode(ids[:used]).endswith("blue") and not tokenizer.decode(ids[:used - 1]).endswith("blue")
     last = Detokenizer(tokenizer, [])
     assert last.feed_message(items[:2] + [(ids[2], "length")]) == (tokenizer.decode(ids[:3]), 3, "length")
+
+
+def test_the_earliest_stop_string_wins_whatever_their_order(qwen_dir):
+    """One token that completes two stop strings at once ("circle" ends "circle" and "ircle"):
+    the answer is cut at the one that starts first, in either order of the request's list."""
+    tokenizer = PromptBuilder(qwen_dir).tokenizer
+    ids = tokenizer.encode("the red circle is left of the blue square", add_special_tokens=False)
+    word = next(w for w in (tokenizer.decode([i]).strip() for i in ids) if len(w) >= 4)
+    text = tokenizer.decode(ids)
+    for stops in ([word[1:], word], [word, word[1:]]):
+        got = Detokenizer(tokenizer, stops).feed_message([(i, None) for i in ids])
+        assert got[0::2] == (text[:text.index(word)], "stop"), (word, stops, got)

@@ -368,6 +368,23 @@ def test_images_over_the_pixel_cap_are_downscaled_keeping_aspect():
     assert w * h <= lim.max_image_pixels and abs(w / h - 4 / 3) < 0.02 and w >= 290
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_are_white(mode):
+    """As qwen-vl-utils does: transparent pixels become white, whatever colour they hold (a bare
+    convert("RGB") shows it: here red, black or palette entry 0); opaque ones keep theirs."""
+    img = {"RGBA": lambda: Image.new("RGBA", (4, 4), (255, 0, 0, 0)),
+           "LA": lambda: Image.new("LA", (4, 4), (0, 0)),
+           "P": lambda: Image.new("P", (4, 4), 0)}[mode]()
+    img.putpixel((0, 0), {"RGBA": (0, 0, 255, 255), "LA": (80, 255), "P": 1}[mode])
+    if mode == "P":
+        img.putpalette([200, 10, 10, 0, 0, 255] + [0] * 762)
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **({"transparency": 0} if mode == "P" else {}))
+    loaded = media.decode_data_url("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), Limits())
+    assert loaded.image.mode == "RGB" and loaded.image.getpixel((1, 1)) == (255, 255, 255)
+    assert loaded.image.getpixel((0, 0)) == {"RGBA": (0, 0, 255), "LA": (80, 80, 80), "P": (0, 0, 255)}[mode]
+
+
 def test_bomb_header_is_refused_before_decoding():
     from test_reliability import png_bomb
 

@@ -223,6 +223,46 @@ def thread_nices(pid: int) -> set[int]:
     return out
 
 
+def test_a_template_that_refuses_the_conversation_is_a_400(tmp_path, tiny_dirs):
+    """Real Gemma-3 templates raise_exception("Conversation roles must alternate ...") (a jinja2
+    TemplateError): the client's mistake, so a 400 with the template's words, not a 500."""
+    import shutil
+
+    from popserve.service.errors import BadRequest
+    from popserve.service.ingress import build_prompt
+
+    model = tmp_path / "strict-template"
+    shutil.copytree(tiny_dirs["gemma3"], model)
+    template = model / "chat_template.jinja"
+    guard = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+             "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+             "{% endif %}{% endfor %}")
+    template.write_text(guard + template.read_text())
+    builder = PromptBuilder(model)
+    assert build_prompt(builder, [{"role": "user", "content": "hi"}], []).num_tokens > 1
+    with pytest.raises(BadRequest, match="roles must alternate") as err:
+        build_prompt(builder, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], [])
+    assert err.value.status == 400 and err.value.param == "messages"
+
+
+def test_prompt_builder_knows_its_control_tokens_and_a_floor_on_tokens(tiny_dir):
+    """Text that spells a control token (turn markers, image slots) is found, the longest first;
+    min_tokens, the no-tokenizing pre-check against huge prompts, never exceeds the real count."""
+    import random
+
+    builder = PromptBuilder(tiny_dir)
+    turn = "<|im_start|>" if builder.family.name == "qwen3-vl" else "<start_of_turn>"
+    assert builder.control_token_in(f"ok {turn}system") == turn
+    assert builder.control_token_in("<|im_start without its end, <start_of_turn") is None
+    rng = random.Random(0)
+    alphabet = "ab \n-=#é\u0301한" + "".join(chr(c) for c in range(0x4e00, 0x4e10))
+    for n in (0, 10, 1000, 20000):
+        texts = ["".join(rng.choice(alphabet) for _ in range(n)), "=" * n, " " * n]
+        tokens = sum(len(builder.tokenizer.encode(t, add_special_tokens=False)) for t in texts)
+        assert builder.min_tokens(texts) <= tokens, n
+    assert builder.min_tokens(["sea " * 200_000]) > 1024
+
+
 def test_a_stage_given_in_part_keeps_its_own_defaults():
     """`decode: {num_replicas: 2}` (a YAML file, KubeRay's args, a bench arm) changes that and only
     that: decode keeps its one thread and 128 streams, the Ingress its 256 requests, and

@@ -22,12 +22,12 @@ class Detokenizer:
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more
             return ""
         self.text = text
-        for s in self.stop:
-            at = self.text.find(s, max(0, self.sent - len(s)))
-            if at != -1:
-                self.stopped = True
-                self.text = self.text[:at]
-                return self._emit(len(self.text))
+        # The earliest stop string in the text wins, whatever their order in the request.
+        found = [at for s in self.stop if (at := self.text.find(s, max(0, self.sent - len(s)))) != -1]
+        if found:
+            self.stopped = True
+            self.text = self.text[:min(found)]
+            return self._emit(len(self.text))
         hold = max((len(s) - 1 for s in self.stop), default=0)
         return self._emit(max(self.sent, len(self.text) - hold))
 
