@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from jinja2 import TemplateError
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from popserve.models.prompt import Prompt, PromptBuilder
@@ -80,6 +81,21 @@ async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
             yield item
     finally:
         await rest.aclose()
+
+
+class SSEResponse(StreamingResponse):
+    """When a client goes away, Serve's proxy cancels the request, and Serve's ASGI `receive`
+    then raises TaskCancelledError inside Starlette's disconnect listener, which lets it escape
+    (a "Task exception was never retrieved" traceback per disconnect). It is a disconnect: end
+    the stream as Starlette does for one (the decode stream is closed, its KV freed)."""
+
+    media_type = "text/event-stream"
+
+    async def listen_for_disconnect(self, receive) -> None:
+        try:
+            await super().listen_for_disconnect(receive)
+        except TaskCancelledError:
+            pass
 
 
 def build_prompt(builder: PromptBuilder, messages: list[dict], images: list) -> Prompt:
@@ -214,8 +230,7 @@ class Ingress:
             logger.exception("request %s failed before its first token", rid)
             return self.error_response(from_exception(exc), rid)
         if req.stream:
-            return StreamingResponse(self._sse(req, prepared, tokens, rid, t0), media_type="text/event-stream",
-                                     headers={"cache-control": "no-cache"})
+            return SSEResponse(self._sse(req, prepared, tokens, rid, t0), headers={"cache-control": "no-cache"})
         try:
             return await self._complete(req, prepared, tokens, rid, t0)
         except ServeError as exc:

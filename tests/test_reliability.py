@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import glob
 import importlib.util
 import io
 import json
@@ -502,6 +503,12 @@ def test_client_disconnect_frees_the_decode_slot_and_kv(rel):
 
     asyncio.run(scenario())
     assert rel.answer("still serving?")
+    # Serve cancelling a request whose client left is a disconnect, not an error: no traceback.
+    import ray
+
+    logs = ray._private.worker.global_worker.node.get_logs_dir_path()
+    stderr = "".join(open(f).read() for f in glob.glob(f"{logs}/worker-*-{rel.pid('Ingress')}.err"))
+    assert stderr and "Task exception was never retrieved" not in stderr, stderr[-3000:]
 
 
 # ---- soak -----------------------------------------------------------------------------------------
