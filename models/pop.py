@@ -30,6 +30,12 @@ def skipped_layer_count(num_layers: int, ratio: float, first_kept: int = 0) -> i
     return k
 
 
+def max_pop_ratio(num_layers: int, first_kept: int = 0) -> float:
+    """The largest pop_ratio `skipped_layer_count` accepts, as k/L with k the most layers it lets
+    prefill skip (all but the first max(first_kept, 1)); ratios that round to the same k also pass."""
+    return max(num_layers - max(first_kept, 1), 0) / num_layers
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

@@ -13,17 +13,49 @@ def _cmd_make_tiny(args) -> int:
     return 0
 
 
+def _load_config(path: str):
+    """ServeConfig.from_yaml with one-line errors that name the file."""
+    from pathlib import Path
+
+    import yaml
+    from pydantic import ValidationError
+
+    from popserve.service.config import ServeConfig
+
+    if Path(path).is_dir():
+        raise ValueError(f"--config {path} is a directory; expected a YAML file")
+    try:
+        return ServeConfig.from_yaml(path)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ValueError(f"--config {path} is not valid YAML: {what}{where}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--config {path} is not a UTF-8 text file") from None
+    except ValidationError as exc:
+        raise ValueError(f"--config {path}: {exc}") from None
+    except FileNotFoundError:
+        raise ValueError(f"--config {path} does not exist") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read --config {path}: {exc.strerror or exc}") from None
+
+
 def _cmd_serve(args) -> int:
     from popserve.service.config import ServeConfig
-    from popserve.service.launcher import serve_forever
+    from popserve.service.launcher import StartupError, serve_forever
 
-    cfg = ServeConfig.from_yaml(args.config) if args.config else ServeConfig()
+    cfg = _load_config(args.config) if args.config else ServeConfig()
     overrides = {k: v for k, v in {
         "model": args.model, "pop_ratio": args.pop_ratio, "dtype": args.dtype, "device": args.device,
         "host": args.host, "port": args.port,
     }.items() if v is not None}
     cfg = ServeConfig.model_validate({**cfg.model_dump(), **overrides})
-    return serve_forever(cfg)
+    try:
+        return serve_forever(cfg)
+    except StartupError as exc:  # the port is taken, pop_ratio too large for the model, a stage failed...
+        print(f"popserve: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _cmd_importance(args) -> int:
