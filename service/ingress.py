@@ -104,7 +104,7 @@ def build_prompt(builder: PromptBuilder, messages: list[dict], images: list) -> 
     try:
         return builder.build(messages, images)
     except (ValueError, TypeError, TemplateError) as exc:
-        raise BadRequest(f"cannot build the prompt: {exc}", param="messages") from None
+        raise BadRequest(f"cannot build the prompt: {exc}", param="messages", code="invalid_value") from None
 
 
 def _request_id() -> str:

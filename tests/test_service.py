@@ -242,7 +242,7 @@ def test_a_template_that_refuses_the_conversation_is_a_400(tmp_path, tiny_dirs):
     assert build_prompt(builder, [{"role": "user", "content": "hi"}], []).num_tokens > 1
     with pytest.raises(BadRequest, match="roles must alternate") as err:
         build_prompt(builder, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], [])
-    assert err.value.status == 400 and err.value.param == "messages"
+    assert (err.value.status, err.value.param, err.value.code) == (400, "messages", "invalid_value")
 
 
 def test_prompt_builder_knows_its_control_tokens_and_a_floor_on_tokens(tiny_dir):
