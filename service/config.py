@@ -52,8 +52,8 @@ class DeploymentSettings(_Strict):
     # CPU priority of the stage's replicas: every thread at this Linux
     # nice (below 15 needs CAP_SYS_NICE). None: as Ray starts a worker (its Python threads at 15,
     # its C++ threads at 0). A trade on shared cores, so off by default: decode at 19 steps in what
-    # encoding and prefill leave; on 2 cores, images at 16 clients: TTFT 0.67x, tok/s 1.05x, TPOT
-    # 1.55x; at one client TPOT 1.20x. Decode at 0 (above the others) cost a fifth of the tok/s.
+    # encoding and prefill leave; on 2 cores, images at 16 clients: TTFT 0.87x, tok/s 1.00x, TPOT
+    # 1.20x; at one client no change. Decode at 0 (above the others) cost a fifth of the tok/s.
     nice: Optional[int] = Field(None, ge=0, le=19)
 
 
