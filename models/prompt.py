@@ -35,9 +35,13 @@ class PromptBuilder:
         self.tokenizer = self.processor.tokenizer
         self.eos_token_ids = self._eos_ids(model_dir)
         # Text that spells a control token (<|im_start|>, <start_of_turn>, ...) would become that
-        # token: a user could forge turns or image slots. Longest first, so the message names the whole.
-        self.control_tokens = sorted({t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
-                                     | set(self.tokenizer.all_special_tokens), key=len, reverse=True)
+        # token: a user could forge turns or image slots. Control tokens: the tokenizer's named
+        # special tokens and the special tokens its chat template writes (not every added token:
+        # real Gemma-3 has thousands, <unused0>... among them). Longest first, to name the whole.
+        template = self.processor.chat_template or self.tokenizer.chat_template or ""
+        template = " ".join(template.values()) if isinstance(template, dict) else template
+        written = {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special and t.content in template}
+        self.control_tokens = sorted(written | set(self.tokenizer.all_special_tokens), key=len, reverse=True)
         self.max_token_chars = max(map(len, self.tokenizer.get_vocab()))
 
     def control_token_in(self, text: str) -> Optional[str]:

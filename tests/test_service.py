@@ -263,6 +263,25 @@ def test_prompt_builder_knows_its_control_tokens_and_a_floor_on_tokens(tiny_dir)
     assert builder.min_tokens(["sea " * 200_000]) > 1024
 
 
+def test_only_tokens_that_steer_the_chat_are_refused_in_text(tmp_path, tiny_dirs):
+    """Real Gemma-3 marks thousands of added tokens special (<unused0>...): text may spell those;
+    the named special tokens and those the chat template writes may not."""
+    import shutil
+
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "many-special"
+    shutil.copytree(tiny_dirs["gemma3"], model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.add_tokens([AddedToken("<unused0>", special=True), AddedToken("<table>", special=True)])
+    tok.save_pretrained(model)
+    builder = PromptBuilder(model)
+    assert "<unused0>" in {t.content for t in builder.tokenizer.added_tokens_decoder.values() if t.special}
+    assert builder.control_token_in("<unused0> and <table>") is None
+    assert builder.control_token_in("<end_of_turn>") == "<end_of_turn>" and builder.control_token_in("<bos>") == "<bos>"
+
+
 def test_a_stage_given_in_part_keeps_its_own_defaults():
     """`decode: {num_replicas: 2}` (a YAML file, KubeRay's args, a bench arm) changes that and only
     that: decode keeps its one thread and 128 streams, the Ingress its 256 requests, and
