@@ -55,16 +55,19 @@ class DeploymentSettings(_Strict):
     # encoding and prefill leave; on 2 cores, images at 16 clients: TTFT 0.87x, tok/s 1.00x, TPOT
     # 1.20x; at one client no change. Decode at 0 (above the others) cost a fifth of the tok/s.
     nice: Optional[int] = Field(None, ge=0, le=19)
+    # How long a replica that is stopping (scale-down, upgrade, shutdown) may finish its requests.
+    graceful_shutdown_timeout_s: float = Field(5.0, ge=0)
 
 
 # Stage defaults that differ from DeploymentSettings' own. A stage given in part (`decode:
 # {num_replicas: 2}`) keeps the rest of them, as prefill_full given in part keeps prefill's.
 STAGE_DEFAULTS: dict[str, dict] = {
-    # The Ingress's torch work is the image processor's (torchvision ops): one thread.
-    "ingress": {"max_ongoing_requests": 256, "torch_threads": 1},
+    # The Ingress's torch work is the image processor's (torchvision ops): one thread. It and
+    # decode drain their streams when stopped: a 2048-token answer takes tens of seconds.
+    "ingress": {"max_ongoing_requests": 256, "torch_threads": 1, "graceful_shutdown_timeout_s": 60.0},
     # Decode runs one thread: its small matmuls lose more to thread barriers than they gain
     # (bench: 86 ms/step at 1 thread vs 98 at 2, batch 1), and the other core stays free for prefill.
-    "decode": {"max_ongoing_requests": 128, "torch_threads": 1},
+    "decode": {"max_ongoing_requests": 128, "torch_threads": 1, "graceful_shutdown_timeout_s": 60.0},
 }
 
 

@@ -300,6 +300,32 @@ def test_a_stage_given_in_part_keeps_its_own_defaults():
     assert ServeConfig.model_validate(cfg.model_dump()) == cfg  # a dumped config reads back the same
 
 
+def test_stages_that_hold_streams_drain_them_when_stopped():
+    """Scale-down, upgrades and shutdown give the Ingress and decode a minute to finish their
+    streams (Serve's graceful shutdown); the other stages' calls are short."""
+    from popserve.service.config import ServeConfig
+    from popserve.service.deployments.common import deployment_options
+
+    cfg = ServeConfig.model_validate({"decode": {"num_replicas": 2}, "encoder": {"graceful_shutdown_timeout_s": 1}})
+    drain = {name: deployment_options(name, cfg.stage(stage), cfg)["graceful_shutdown_timeout_s"]
+             for name, stage in (("Ingress", "ingress"), ("Decode", "decode"), ("Prefill", "prefill"),
+                                 ("VisionEncoder", "encoder"))}
+    assert drain == {"Ingress": 60.0, "Decode": 60.0, "Prefill": 5.0, "VisionEncoder": 1.0}
+
+
+def test_default_threads_follow_the_container_cpu_limit(tmp_path):
+    """A replica without torch_threads takes the cores it may use: its affinity, capped by a
+    cgroup v2 CPU quota (a pod's CPU limit), not os.cpu_count(), which counts the node's."""
+    from popserve.service.deployments.common import available_cores
+
+    mine = len(os.sched_getaffinity(0))
+    for text, want in (("max 100000", mine), ("100000 100000", 1), ("150000 100000", min(mine, 2)),
+                       ("1000 100000", 1), ("", mine), ("garbage", mine)):
+        (tmp_path / "cpu.max").write_text(text)
+        assert available_cores(str(tmp_path / "cpu.max")) == want, text
+    assert available_cores(str(tmp_path / "missing")) == mine
+
+
 @pytest.mark.parametrize("zero_copy", [True, False])
 def test_zero_copy_tensors_maps_a_handoff_from_the_store(ray_cluster, zero_copy):
     """zero_copy_tensors (default on): a KV handoff that a Prefill replica returns is read by a

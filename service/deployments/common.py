@@ -16,8 +16,22 @@ def setup_replica(cfg: ServeConfig, stage: DeploymentSettings) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1" if cfg.model and os.path.isdir(cfg.model) else "0")
     # Ray pins OMP_NUM_THREADS to an actor's num_cpus (1 when 0): a prefill replica would use one
     # core. Default to every core; the stage's torch_threads partitions a node between replicas.
-    torch.set_num_threads(stage.torch_threads or os.cpu_count() or 1)
+    torch.set_num_threads(stage.torch_threads or available_cores())
     set_nice(stage.nice)
+
+
+def available_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """The cores this process may use: its CPU affinity, capped by the cgroup v2 CPU quota (a
+    container's CPU limit). os.cpu_count() counts the node's, 200 in a pod limited to 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open(cpu_max) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))  # a partial core counts as one
+    except (OSError, ValueError):  # no cgroup v2 file here (cgroup v1, macOS): affinity only
+        pass
+    return cores
 
 
 def set_nice(nice: Optional[int]) -> None:
@@ -73,7 +87,7 @@ def deployment_options(name: str, s: DeploymentSettings, cfg: ServeConfig) -> di
         "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus, "runtime_env": {"env_vars": env}},
         "health_check_period_s": 10.0,
         "health_check_timeout_s": 30.0,
-        "graceful_shutdown_timeout_s": 5.0,
+        "graceful_shutdown_timeout_s": s.graceful_shutdown_timeout_s,
     }
     if s.autoscaling:
         opts["autoscaling_config"] = s.autoscaling.model_dump()
