@@ -58,6 +58,13 @@ class DeploymentSettings(_Strict):
     # How long a replica that is stopping (scale-down, upgrade, shutdown) may finish its requests.
     graceful_shutdown_timeout_s: float = Field(5.0, ge=0)
 
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue_bound(cls, v: int) -> int:
+        if v == 0:  # Serve refuses it at deploy time, long after the config was accepted
+            raise ValueError("max_queued_requests must be -1 (unbounded) or at least 1")
+        return v
+
 
 # Stage defaults that differ from DeploymentSettings' own. A stage given in part (`decode:
 # {num_replicas: 2}`) keeps the rest of them, as prefill_full given in part keeps prefill's.

@@ -107,6 +107,20 @@ def build_prompt(builder: PromptBuilder, messages: list[dict], images: list) -> 
         raise BadRequest(f"cannot build the prompt: {exc}", param="messages", code="invalid_value") from None
 
 
+def _healthy_in_serve(stages: dict) -> set[str]:
+    """The stages whose deployments Serve's controller reports healthy (their replicas pass
+    Serve's own health checks)."""
+    from ray.serve.schema import DeploymentStatus
+
+    up = {DeploymentStatus.HEALTHY, DeploymentStatus.UPSCALING, DeploymentStatus.DOWNSCALING}
+    try:
+        apps = serve.status().applications
+    except Exception:  # the controller itself unreachable: nothing is known to be up
+        return set()
+    return {name for name, h in stages.items()
+            if h.app_name in apps and getattr(apps[h.app_name].deployments.get(h.deployment_name), "status", None) in up}
+
+
 def _request_id() -> str:
     """Serve gives every request an id (the client's x-request-id header when sent) and echoes
     it in the response's x-request-id header; logs carry it too."""
@@ -185,10 +199,16 @@ class Ingress:
 
     @app.get("/health")
     async def health(self):
+        """200 when every stage is up. ready() goes through Serve's queues, so a stage that does
+        not answer in time may only be saturated: then Serve's own health checks, which do not
+        queue behind requests, decide ("busy": up, its queue full)."""
         stages = self._stages()
         results = await asyncio.gather(
             *(asyncio.wait_for(h.ready.remote(), timeout=5.0) for h in stages.values()), return_exceptions=True)
         status = {name: r is True for name, r in zip(stages, results)}
+        if not all(status.values()):
+            healthy = await asyncio.to_thread(_healthy_in_serve, stages)
+            status = {name: up or ("busy" if name in healthy else False) for name, up in status.items()}
         code = 200 if all(status.values()) else 503
         return JSONResponse({"status": "ok" if code == 200 else "unavailable", "stages": status}, status_code=code)
 

@@ -345,7 +345,7 @@ def test_ray_cluster_shape(variant):
     probe = " ".join(ray_container(group["template"])["readinessProbe"]["exec"]["command"])
     for url in ("localhost:52365/api/local_raylet_healthz", "localhost:8000/-/healthz"):
         assert url in probe
-    # Not the app's /health: it queues behind a saturated decode and would fail every pod at once.
+    # Not the app's /health: the whole app's state, not the pod's; an outage would fail every pod at once.
     assert "8000/health" not in probe
 
 

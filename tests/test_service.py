@@ -297,6 +297,8 @@ def test_a_stage_given_in_part_keeps_its_own_defaults():
     assert (default.decode.torch_threads, default.ingress.max_ongoing_requests) == (1, 256)
     assert cfg.prefill_full == cfg.prefill.model_copy(update={"num_replicas": 3})
     assert ServeConfig.model_validate({"decode": {"torch_threads": None}}).decode.torch_threads is None
+    with pytest.raises(ValueError, match="-1 .unbounded. or at least 1"):  # Serve would refuse 0 only at deploy
+        ServeConfig.model_validate({"decode": {"max_queued_requests": 0}})
     assert ServeConfig.model_validate(cfg.model_dump()) == cfg  # a dumped config reads back the same
 
 

@@ -103,7 +103,7 @@ class ModelList(_Model):
 
 
 class Health(_Model):
-    """GET /health: `ok` when the server answered 200 (every stage up), False on 503."""
+    """GET /health: `ok` when the server answered 200 (every stage up; a saturated one reads "busy"), False on 503."""
 
     ok: bool
     status_code: int
