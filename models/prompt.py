@@ -40,7 +40,8 @@ class PromptBuilder:
         # real Gemma-3 has thousands, <unused0>... among them). Longest first, to name the whole.
         template = self.processor.chat_template or self.tokenizer.chat_template or ""
         template = " ".join(template.values()) if isinstance(template, dict) else template
-        written = {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special and t.content in template}
+        written = {t.content for t in self.tokenizer.added_tokens_decoder.values()
+                   if t.special and t.content in template}
         self.control_tokens = sorted(written | set(self.tokenizer.all_special_tokens), key=len, reverse=True)
         self.max_token_chars = max(map(len, self.tokenizer.get_vocab()))
 

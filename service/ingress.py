@@ -117,8 +117,9 @@ def _healthy_in_serve(stages: dict) -> set[str]:
         apps = serve.status().applications
     except Exception:  # the controller itself unreachable: nothing is known to be up
         return set()
-    return {name for name, h in stages.items()
-            if h.app_name in apps and getattr(apps[h.app_name].deployments.get(h.deployment_name), "status", None) in up}
+    deployments = {name: apps[h.app_name].deployments.get(h.deployment_name) if h.app_name in apps else None
+                   for name, h in stages.items()}
+    return {name for name, d in deployments.items() if d is not None and d.status in up}
 
 
 def _request_id() -> str:

@@ -54,7 +54,8 @@ class StreamOptions(BaseModel):
 # request that sets one to anything else is refused rather than answered without it.
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []),
                "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-               "response_format": (None, {"type": "text"}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+               "response_format": (None, {"type": "text"}), "presence_penalty": (None, 0),
+               "frequency_penalty": (None, 0),
                "logit_bias": (None, {}), "prediction": (None,), "audio": (None,), "modalities": (None, ["text"])}
 
 
