@@ -15,15 +15,11 @@ def _cmd_make_tiny(args) -> int:
 
 def _load_config(path: str):
     """ServeConfig.from_yaml with one-line errors that name the file."""
-    from pathlib import Path
-
     import yaml
     from pydantic import ValidationError
 
     from popserve.service.config import ServeConfig
 
-    if Path(path).is_dir():
-        raise ValueError(f"--config {path} is a directory; expected a YAML file")
     try:
         return ServeConfig.from_yaml(path)
     except yaml.YAMLError as exc:
@@ -35,6 +31,8 @@ def _load_config(path: str):
         raise ValueError(f"--config {path} is not a UTF-8 text file") from None
     except ValidationError as exc:
         raise ValueError(f"--config {path}: {exc}") from None
+    except IsADirectoryError:
+        raise ValueError(f"--config {path} is a directory; expected a YAML file") from None
     except FileNotFoundError:
         raise ValueError(f"--config {path} does not exist") from None
     except OSError as exc:

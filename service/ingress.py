@@ -181,12 +181,15 @@ class Ingress:
     async def model(self, model_id: str, request: Request):
         try:
             self.authorize(request)
-            if model_id != self.model_name:
-                raise NotFound(f"model {model_id!r} does not exist; this server serves {self.model_name!r}",
-                               param="model", code="model_not_found")
+            self.check_model(model_id)
         except ServeError as exc:
             return self.error_response(exc, _request_id())
         return ModelCard(id=self.model_name, created=self.created)
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise NotFound(f"model {name!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
 
     def stats(self) -> dict:
         """This replica's process and thread layout, as every stage reports it."""
@@ -288,9 +291,7 @@ class Ingress:
         except ValidationError as exc:
             loc, msg = describe(exc)
             raise BadRequest(f"{loc}: {msg}" if loc else msg, param=loc or None, code="invalid_value") from None
-        if req.model != self.model_name:
-            raise NotFound(f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
+        self.check_model(req.model)
         if not req.pop and self.prefill_full is None:
             raise BadRequest("pop=false is disabled on this server (pop_off_prefill: false)", param="pop")
         return req
