@@ -5,7 +5,7 @@
 Starts popserve on the bench checkpoint (local Ray, loopback port), then for each workload
 (2048-token text prompts; a 448x448 image + short question) and each concurrency runs the same
 load with "pop": true and "pop": false, alternating which goes first. Prints TTFT / ITL / E2E /
-output tok/s and the ratios off/on, and the share of TTFT spent in the KV handoff (from /metrics).
+output tok/s and the ratios off/on, and the share of TTFT spent in the KV handoff (from decode's stats).
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import os
 import sys
 from pathlib import Path
 
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import bench_checkpoint, chat_body, noise_image_url, run_load, text_prompt, warm_up, write_report  # noqa: E402
@@ -23,13 +22,15 @@ from loadgen import bench_checkpoint, chat_body, noise_image_url, run_load, text
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def scrape(base: str) -> dict[str, float]:
-    out = {}
-    for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines():
-        if line.startswith("popserve_kv_handoff"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
+def handoffs() -> tuple[int, float]:
+    """(KV handoffs, their summed seconds) so far, from the decode replica itself: exact at once,
+    where /metrics is a couple of seconds behind."""
+    from ray import serve
+
+    from popserve.service.launcher import APP_NAME
+
+    stats = serve.get_deployment_handle("Decode", app_name=APP_NAME).stats.remote().result()
+    return stats["handoffs"], stats["handoff_seconds"]
 
 
 def main(argv=None) -> int:
@@ -80,11 +81,9 @@ def main(argv=None) -> int:
                             bodies.append(chat_body(name, "What is shown in this picture?",
                                                     noise_image_url(args.image_side, seed), args.max_tokens,
                                                     {"pop": pop}))
-                    before = scrape(base)
+                    before = handoffs()
                     res[pop] = asyncio.run(run_load(url, bodies, conc))
-                    after = scrape(base)
-                    handed = after["popserve_kv_handoffs_total"] - before["popserve_kv_handoffs_total"]
-                    secs = after["popserve_kv_handoff_seconds_total"] - before["popserve_kv_handoff_seconds_total"]
+                    handed, secs = (b - a for a, b in zip(before, handoffs()))
                     res[pop]["handoff_s"] = secs / max(1, handed)
                     r = res[pop]
                     print(f"{workload:5s} c={conc:2d} pop={'on ' if pop else 'off'} ok={r['ok']}/{r['requests']} "

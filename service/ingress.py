@@ -14,6 +14,7 @@ import time
 import uuid
 from typing import AsyncIterator, Optional
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from jinja2 import TemplateError
@@ -30,7 +31,7 @@ from .engine.detokenize import Detokenizer
 from .errors import (REPLICA_RETRIES, RETRY_BACKOFF_S, BadRequest, NotFound, PayloadTooLarge, ServeError, StageFailed,
                      Unauthorized, from_exception)
 from .media import load_image
-from .metrics import Metrics
+from .metrics import IngressMetrics, node_metrics_url, scrape_node
 from .protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta,
                        ModelCard, ModelList, ResponseMessage, Usage, describe, unsupported_parameter)
 
@@ -145,7 +146,9 @@ class Ingress:
         self.max_context = min(self.cfg.engine.max_seq_len, text_cfg.max_position_embeddings)
         # Prompt + at least one new token fit the context; limits.max_prompt_tokens caps the prompt alone.
         self.max_prompt = min(self.max_context - 1, self.cfg.limits.max_prompt_tokens or 1 << 30)
-        self.metrics = Metrics()
+        self.metrics = IngressMetrics()
+        self.app_name = serve.get_replica_context().app_name
+        self.metrics_url = node_metrics_url()
         self.created = int(time.time())
 
     # ---- cross-cutting ---------------------------------------------------------------------
@@ -159,8 +162,7 @@ class Ingress:
         return {"www-authenticate": "Bearer"} if isinstance(exc, Unauthorized) else {}
 
     def error_response(self, exc: ServeError, rid: str) -> JSONResponse:
-        self.metrics.errors.labels(str(exc.status), exc.code or exc.type).inc()
-        self.metrics.requests.labels(str(exc.status)).inc()
+        self.metrics.request_done(exc.status, exc.code or exc.type)
         headers = self._auth_headers(exc)
         if exc.retry_after is not None:
             headers["retry-after"] = str(max(1, round(exc.retry_after)))
@@ -222,15 +224,11 @@ class Ingress:
             self.authorize(request)
         except ServeError as exc:
             return self.error_response(exc, _request_id())
-        stats = await self.stage_stats()
-        self.metrics.refresh(stats)
-        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
-
-    async def stage_stats(self) -> dict:
-        stages = self._stages()
-        res = await asyncio.gather(*(asyncio.wait_for(h.stats.remote(), 5.0) for h in stages.values()),
-                                   return_exceptions=True)
-        return {k: v for k, v in zip(stages, res) if isinstance(v, dict)}
+        try:
+            text = await scrape_node(self.metrics_url, self.app_name)
+        except httpx.HTTPError as exc:
+            return self.error_response(StageFailed(f"Ray's metrics agent did not answer: {exc}", code="metrics_unavailable"), _request_id())
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request):
@@ -240,7 +238,7 @@ class Ingress:
             self.authorize(request)
             req = await self._parse(request)
             prepared = await self._prepare(req)
-            self.metrics.stage.labels("prepare").observe(time.perf_counter() - t0)
+            self.metrics.phase.observe(time.perf_counter() - t0, tags={"stage": "prepare"})
         except ServeError as exc:
             return self.error_response(exc, rid)
         except Exception as exc:  # a bug, not the client's fault
@@ -392,7 +390,7 @@ class Ingress:
         (limits.request_timeout_s: the longest wait for the first token, then for each next one)."""
         timeout = first_timeout or self.cfg.limits.request_timeout_s
         first, last, launched = True, None, time.perf_counter()
-        self.metrics.in_flight.inc()
+        self.metrics.in_flight(+1)
         try:
             while True:
                 try:
@@ -407,8 +405,8 @@ class Ingress:
                     raise from_exception(exc) from None
                 now = time.perf_counter()
                 if first:
-                    self.metrics.ttft.labels(str(req.pop).lower()).observe(now - t0)
-                    self.metrics.stage.labels("first_token").observe(now - launched)
+                    self.metrics.ttft.observe(now - t0, tags={"pop": str(req.pop).lower()})
+                    self.metrics.phase.observe(now - launched, tags={"stage": "first_token"})
                     first = False
                     timeout = self.cfg.limits.request_timeout_s
                 elif last is not None:
@@ -416,14 +414,14 @@ class Ingress:
                 last = now
                 yield items
         finally:
-            self.metrics.in_flight.dec()
+            self.metrics.in_flight(-1)
             try:
                 stream.cancel()  # no-op when finished; frees the decode slot when the client left
             except Exception:  # cancel() re-raises a failed routing (a dead replica): nothing to free,
                 pass  # and the error being handled (retried or answered) must not be replaced by it
 
-    def _finish_metrics(self, prepared, completion_tokens, t0, code="200"):
-        self.metrics.requests.labels(code).inc()
+    def _finish_metrics(self, prepared, completion_tokens, t0):
+        self.metrics.request_done(200)
         self.metrics.e2e.observe(time.perf_counter() - t0)
         self.metrics.prompt_tokens.inc(prepared["prompt"].num_tokens)
         self.metrics.completion_tokens.inc(completion_tokens)
@@ -470,8 +468,7 @@ class Ingress:
                 if reason:
                     break
         except ServeError as exc:  # mid-stream failure: an error event, and no [DONE]
-            self.metrics.errors.labels(str(exc.status), exc.code or exc.type).inc()
-            self.metrics.requests.labels(str(exc.status)).inc()
+            self.metrics.request_done(exc.status, exc.code or exc.type)
             yield f"data: {json.dumps(exc.body())}\n\n"
             return
         finally:  # also when the client went away (the task is cancelled): frees the decode slot

@@ -55,7 +55,10 @@ def ray_cluster():
     import ray
     from ray import serve
 
+    # Metrics reach the node's agent every second (Ray's default: 10 s), so /metrics shows a
+    # request's numbers soon after it: tests poll for them (popserve_testing.wait_for_metric).
     ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             _system_config={"metrics_report_interval_ms": 1000},
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -63,3 +63,35 @@ def deploy(port: int, app_name: str, cfg, timeout: float = 300.0) -> str:
     raise TimeoutError(f"{app_name} did not become healthy")
 
 
+
+
+# ---- /metrics -----------------------------------------------------------------------------------
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The sum over replicas of the samples `name` (as exposed, e.g. ray_popserve_requests_total)
+    whose labels include `labels`; KeyError when there is none."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+    if not found:
+        raise KeyError(f"{name}{labels or ''} not in /metrics")
+    return sum(found)
+
+
+def wait_for_metric(fetch, name: str, ok, timeout: float = 30.0, **labels: str) -> str:
+    """Poll fetch() (the /metrics text) until ok(metric_value(...)) holds; returns that text.
+    Replicas export every second and Ray's agent collects every second in the test cluster."""
+    import time
+
+    deadline, value = time.monotonic() + timeout, None
+    while True:
+        text = fetch()
+        try:
+            value = metric_value(text, name, **labels)
+            if ok(value):
+                return text
+        except KeyError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name}{labels or ''} = {value} after {timeout} s")
+        time.sleep(0.25)

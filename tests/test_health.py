@@ -4,7 +4,6 @@ Serve's own health checks, which do not queue behind requests."""
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import httpx

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from popserve_testing import deploy
+from popserve_testing import deploy, metric_value, wait_for_metric
 from popserve_testing import server_config as make_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,13 +79,6 @@ def assert_openai_error(r: httpx.Response, status: int, code: str | None = None)
     if code is not None:
         assert err["code"] == code, err
     return err
-
-
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
 
 
 def vmhwm(pid: int) -> int:
@@ -440,7 +433,10 @@ def test_client_disconnect_frees_the_decode_slot_and_kv(rel):
                     "the great fish far out in the gulf stream, the sharks that came after it, and what "
                     "the boy said to the old man when he finally came back home to the harbour",
                     max_tokens=590, stream=True)
+    from ray import serve
+
     url = rel.chat_url
+    decode = serve.get_deployment_handle("Decode", app_name=APP)
 
     async def scenario():
         async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as client:
@@ -457,9 +453,9 @@ def test_client_disconnect_frees_the_decode_slot_and_kv(rel):
                             return r, lines
                 raise AssertionError("stream ended before its first token")
 
-            async def gauges():
-                text = (await client.get(f"{rel.base_url}/metrics")).text
-                return metric(text, "popserve_decode_running_sequences"), metric(text, "popserve_decode_kv_bytes_in_use")
+            async def gauges():  # the decode replica's own numbers (/metrics shows them a second or two later)
+                stats = await decode.stats.remote()
+                return stats["running"], stats["kv_bytes_in_use"]
 
             async def wait_for(pred, limit):
                 t0 = time.monotonic()
@@ -472,8 +468,7 @@ def test_client_disconnect_frees_the_decode_slot_and_kv(rel):
 
             # KV bytes per token from the pool's size and the prompt's length, so that the bounds
             # below hold at any decode speed: the open stream keeps growing while the others are dropped.
-            per_token = metric((await client.get(f"{rel.base_url}/metrics")).text,
-                               "popserve_decode_kv_pool_bytes") / (SLOTS * SEQ_LEN)
+            per_token = (await decode.stats.remote())["kv_pool_bytes"] / (SLOTS * SEQ_LEN)
             probe = await client.post(url, json={**body, "stream": False, "max_tokens": 1})
             prompt = probe.json()["usage"]["prompt_tokens"]
             one_max = per_token * (prompt + 1 + body["max_tokens"])  # one sequence at its longest
@@ -503,6 +498,10 @@ def test_client_disconnect_frees_the_decode_slot_and_kv(rel):
 
     asyncio.run(scenario())
     assert rel.answer("still serving?")
+    # /metrics says the same once exported: nothing running, no KV held, summed over replicas.
+    text = wait_for_metric(rel.metrics, "ray_popserve_decode_running_sequences", lambda n: n == 0)
+    assert metric_value(text, "ray_popserve_decode_kv_bytes_in_use") == 0
+    assert metric_value(text, "ray_popserve_decode_kv_pool_bytes") > 0
     # Serve cancelling a request whose client left is a disconnect, not an error: no traceback.
     import ray
 

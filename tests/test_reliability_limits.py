@@ -16,7 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from popserve_testing import deploy
+from popserve_testing import deploy, metric_value, wait_for_metric
+from prometheus_client.parser import text_string_to_metric_families
 from popserve_testing import server_config as make_config
 from test_reliability import App, _png_url, assert_openai_error
 
@@ -64,9 +65,32 @@ def test_api_keys(lim):
     assert httpx.get(f"{lim.base_url}/v1/models", headers=AUTH, timeout=30).json()["data"][0]["id"] == lim.model
     assert httpx.get(f"{lim.base_url}/health", timeout=30).status_code == 200  # probes stay open
     m = httpx.get(f"{lim.base_url}/metrics", timeout=30)  # open: protect_metrics is off here
-    assert m.status_code == 200 and "popserve_requests_total" in m.text
-    assert any(line.startswith("popserve_errors_total{") and 'status="401"' in line
-               and 'code="invalid_api_key"' in line and float(line.split()[-1]) >= 7 for line in m.text.splitlines())
+    assert m.status_code == 200 and "ray_popserve_" in m.text
+    wait_for_metric(lambda: httpx.get(f"{lim.base_url}/metrics", timeout=30).text, "ray_popserve_errors_total",
+                    lambda n: n >= 7, status="401", code="invalid_api_key")
+
+
+def test_metrics_add_up_over_replicas(lim):
+    """The two prefill replicas count their own prompts, and /metrics has both, each under its
+    replica: the sum is every prompt prefilled, which one replica's numbers per scrape were not."""
+    def prompts(text):
+        return {s.labels["replica"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "ray_popserve_prefill_prompts_total" and s.labels["stage"] == "prefill"}
+
+    time.sleep(3)  # earlier tests' prompts exported (each replica every 1 s, collected every 1 s)
+    start = lim.metrics()
+    before, sent = sum(prompts(start).values()), 0
+    by_replica = lambda: {r: n for r, n in prompts(lim.metrics()).items() if n > prompts(start).get(r, 0)}
+    while sent < 24 and (sent < 4 or len(by_replica()) < 2):  # Serve picks the replica; go on until both served
+        lim.answer(f"Count to {sent}", max_tokens=1)
+        sent += 1
+    text = wait_for_metric(lim.metrics, "ray_popserve_prefill_prompts_total", lambda n: n >= before + sent,
+                           stage="prefill")
+    assert metric_value(text, "ray_popserve_prefill_prompts_total", stage="prefill") == before + sent
+    assert len(prompts(text)) == 2 and all(n > 0 for n in prompts(text).values()), prompts(text)
+    # The decode replica counted the same prompts' KV handoffs; gauges are per replica too.
+    assert {s.labels["replica"] for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == "ray_popserve_stage_queue_depth" and s.labels["stage"] == "prefill"} == set(prompts(text))
 
 
 # ---- SSRF over HTTP (remote fetch on) ---------------------------------------------------------
@@ -190,8 +214,7 @@ def test_overload_is_rejected_fast_and_accepted_requests_are_exact(lim):
     for stage in pids:  # bounded queues: the third wave costs no more memory than the first
         grown = rss[2][stage] - rss[0][stage]
         assert grown < 64 * 2**20, f"{stage} RSS grew {grown / 2**20:.0f} MiB over two flood waves"
-    text = lim.metrics()
-    assert "popserve_decode_running_sequences 0.0" in text
+    wait_for_metric(lim.metrics, "ray_popserve_decode_running_sequences", lambda n: n == 0)
     assert lim.answer(prompts[0], max_tokens=24) == alone[prompts[0]]
 
 
@@ -232,7 +255,10 @@ def test_killing_decode_ends_running_streams_with_an_error_and_retries_waiting_r
     exactly, on the replica Serve starts in its place."""
     text = "Tell me about the sea"
     before = lim.answer(text, max_tokens=12)
+    from ray import serve
+
     [decode] = _replica_actors("Decode")
+    decode_stats = serve.get_deployment_handle("Decode", app_name=APP).stats
     long_body = lim.body("Tell me a very long story about the sea", max_tokens=590, stream=True)
 
     async def scenario():
@@ -257,8 +283,7 @@ def test_killing_decode_ends_running_streams_with_an_error_and_retries_waiting_r
                        for _ in range(2)]
             t0 = time.monotonic()
             while time.monotonic() - t0 < 10:
-                m = (await client.get(f"{lim.base_url}/metrics")).text
-                if 'popserve_stage_queue_depth{stage="decode"} 2.0' in m:
+                if (await decode_stats.remote())["waiting"] == 2:
                     break
                 await asyncio.sleep(0.1)
             else:

@@ -10,6 +10,8 @@ import os
 import httpx
 import pytest
 from PIL import Image
+from popserve_testing import metric_value, wait_for_metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from popserve.models.decoder import FullDecoder
 from popserve.models.encoder import VisionEncoder
@@ -577,26 +579,41 @@ def test_health_models_metrics(servers):
     server = servers["qwen3-vl"]
     h = httpx.get(f"{server.base_url}/health")
     assert h.status_code == 200 and all(h.json()["stages"].values())
+
+    def fetch():
+        return httpx.get(f"{server.base_url}/metrics").text
+
+    def count(text, name, **labels):
+        try:
+            return metric_value(text, name, **labels)
+        except KeyError:
+            return 0
+
+    m = fetch()
+    requests, handoffs = count(m, "ray_popserve_requests_total", code="200"), count(m, "ray_popserve_kv_handoffs_total")
     assert chat(server, "count the tokens").status_code == 200
-    m = httpx.get(f"{server.base_url}/metrics").text
-    for name in ("popserve_requests_total", "popserve_time_to_first_token_seconds_bucket",
-                 "popserve_inter_token_latency_seconds_bucket", "popserve_stage_queue_depth",
-                 "popserve_decode_running_sequences", "popserve_kv_handoff_bytes_total",
-                 "popserve_pop_layers_skipped", "popserve_errors_total"):
+    # The Ingress and decode export on their own clocks: wait for both.
+    wait_for_metric(fetch, "ray_popserve_requests_total", lambda v: v >= requests + 1, code="200")
+    m = wait_for_metric(fetch, "ray_popserve_kv_handoffs_total", lambda v: v >= handoffs + 1)
+    for name in ("ray_popserve_time_to_first_token_seconds_bucket", "ray_popserve_inter_token_latency_seconds_bucket",
+                 "ray_popserve_stage_queue_depth", "ray_popserve_decode_running_sequences",
+                 "ray_popserve_kv_handoff_bytes_total", "ray_popserve_pop_layers_skipped"):
         assert name in m, name
-    handed = [line for line in m.splitlines() if line.startswith("popserve_kv_handoff_bytes_total")]
-    assert float(handed[0].split()[-1]) > 0
-    skipped = [line for line in m.splitlines() if line.startswith('popserve_pop_layers_skipped{deployment="prefill"}')]
-    assert float(skipped[0].split()[-1]) == 2.0
-
-    def value(prefix):
-        lines = [line for line in m.splitlines() if line.startswith(prefix)]
-        assert lines, prefix
-        return float(lines[0].split()[-1])
-
+    families = {f.name: f for f in text_string_to_metric_families(m)}
+    assert families["ray_popserve_kv_handoffs"].type == "counter"
+    assert families["ray_popserve_decode_kv_bytes_in_use"].type == "gauge"
+    assert metric_value(m, "ray_popserve_kv_handoff_bytes_total") > 0
+    assert metric_value(m, "ray_popserve_pop_layers_skipped", stage="prefill") == 2.0
+    assert metric_value(m, "ray_popserve_pop_layers_skipped", stage="prefill_full") == 0.0
     # Request phases seen by the ingress, and each stage's own compute time.
-    assert value('popserve_stage_latency_seconds_count{stage="prepare"}') >= 1
-    assert value('popserve_stage_latency_seconds_count{stage="first_token"}') >= 1
+    assert metric_value(m, "ray_popserve_stage_latency_seconds_count", stage="prepare") >= 1
+    assert metric_value(m, "ray_popserve_stage_latency_seconds_count", stage="first_token") >= 1
     for stage in ("prefill", "decode"):
-        assert value(f'popserve_stage_busy_seconds_total{{stage="{stage}"}}') > 0
-        assert value(f'popserve_stage_batches_total{{stage="{stage}"}}') >= 1
+        assert metric_value(m, "ray_popserve_stage_busy_seconds_total", stage=stage) > 0
+        assert metric_value(m, "ray_popserve_stage_batches_total", stage=stage) >= 1
+    # Only this application's samples (the gemma3 server shares the node), each with its
+    # replica, and none of Ray's process labels.
+    samples = [s for f in families.values() for s in f.samples]
+    assert {s.labels["application"] for s in samples} == {server.app_name}
+    assert all(s.labels.get("replica") for s in samples)
+    assert not {k for s in samples for k in s.labels} & {"WorkerId", "SessionName", "Component", "NodeAddress"}

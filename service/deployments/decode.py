@@ -17,6 +17,7 @@ from ..config import ServeConfig
 from ..engine.scheduler import DecodeScheduler
 from ..errors import REPLICA_RETRIES, RETRY_BACKOFF_S, from_exception
 from ..handoff import gpu_location, receive
+from ..metrics import StageMetrics
 from .common import logger, replica_info, setup_replica
 
 
@@ -32,6 +33,7 @@ class DecodeStage:
                               cuda_graphs=eng.cuda_graphs)
         stop_ids = PromptBuilder(self.cfg.model).eos_token_ids
         self.scheduler = DecodeScheduler(decoder, stop_ids, eng.max_waiting, eng.stream_interval)
+        self.metrics = StageMetrics("decode", self.scheduler.stats)
         self.location = gpu_location()  # prefill replicas on this GPU hand KV over by CUDA IPC
 
     async def generate(self, input_ids: torch.Tensor, mm_token_type_ids: Optional[torch.Tensor],

@@ -11,6 +11,7 @@ from popserve.models.encoder import VisionEncoder
 from popserve.models.families import ImageFeatures, PixelInputs
 
 from ..config import ServeConfig
+from ..metrics import StageMetrics
 from .common import replica_info, setup_replica
 
 
@@ -50,6 +51,7 @@ class VisionEncoderStage:
         self.cache = FeatureCache(self.cfg.encoder_cache_bytes)
         self.images = self.batches = self.in_flight = 0
         self.busy_s = 0.0
+        self.metrics = StageMetrics("encoder", self.stats)
 
     async def encode(self, items: list[tuple[str, PixelInputs]]) -> list[ImageFeatures]:
         """One request's images (digest, pixels) -> features in the same order."""

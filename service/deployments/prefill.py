@@ -14,6 +14,7 @@ from popserve.models.prefill import PrefillRequest, PrunedPrefill
 
 from ..config import ServeConfig
 from ..errors import BadRequest
+from ..metrics import StageMetrics
 from ..handoff import Location, send
 from .common import replica_info, setup_replica
 
@@ -44,6 +45,7 @@ class PrefillStage:
         self.handoff_bytes = 0
         self.busy_s = 0.0
         self.largest_batch = (0, 0)  # (budgeted tokens, prompts) of the biggest batch so far
+        self.metrics = StageMetrics(stage, self.stats)
 
     async def prefill(self, input_ids: torch.Tensor, mm_token_type_ids: Optional[torch.Tensor],
                       features: Optional[list[ImageFeatures]] = None,
