@@ -227,7 +227,8 @@ class Ingress:
         try:
             text = await scrape_node(self.metrics_url, self.app_name)
         except httpx.HTTPError as exc:
-            return self.error_response(StageFailed(f"Ray's metrics agent did not answer: {exc}", code="metrics_unavailable"), _request_id())
+            failed = StageFailed(f"Ray's metrics agent did not answer: {exc}", code="metrics_unavailable")
+            return self.error_response(failed, _request_id())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/chat/completions")

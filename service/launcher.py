@@ -13,9 +13,6 @@ import time
 from .config import ServeConfig
 
 APP_NAME = "popserve"
-# Ray's workers report metrics to their node's agent every 10 s by default; a local server's
-# /metrics is fresher at 2 s (service/metrics.py). A cluster's own `ray start` settings rule there.
-LOCAL_RAY_CONFIG = {"metrics_report_interval_ms": 2000}
 
 
 class StartupError(RuntimeError):
@@ -147,12 +144,11 @@ def deploy_failure_cause(app_name: str = APP_NAME) -> str | None:
 def init_ray() -> None:
     import ray
 
-    if ray.is_initialized():
-        return
-    if joins_existing_cluster():  # the cluster named by RAY_ADDRESS or started with `ray start`
+    if not ray.is_initialized():
+        # Joins the cluster named by RAY_ADDRESS or started with `ray start`; otherwise starts an
+        # embedded local one that lives as long as this process. Ray's metrics agent collects
+        # every 10 s: every 2 s doubled its CPU on an idle server (docs/reliability.md).
         ray.init(logging_level="WARNING", include_dashboard=False)
-    else:  # an embedded local one that lives as long as this process
-        ray.init(logging_level="WARNING", include_dashboard=False, _system_config=LOCAL_RAY_CONFIG)
 
 
 def start(cfg: ServeConfig, wait_ready_s: float = 600.0) -> None:
