@@ -27,8 +27,8 @@ LAT = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
 ITL = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1)
 PREFIX = "ray_popserve_"  # Ray's exporter puts "ray_" before every application metric's name
 SERVE_TAGS = ("deployment", "replica", "application")  # added by ray.serve.metrics
-# Ray's agent drops a gauge that was not set for about 10 s (so a dead replica's go away), and
-# every export sets them again.
+# Ray's agent drops a gauge that nobody set within two of its collection intervals (so a dead
+# replica's go away); every export sets them again.
 GAUGE_REFRESH_S = 1.0
 
 

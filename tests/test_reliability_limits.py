@@ -304,6 +304,14 @@ def test_killing_decode_ends_running_streams_with_an_error_and_retries_waiting_r
         assert r.json()["choices"][0]["message"]["content"] == before
     assert _replica_actors("Decode") and _replica_actors("Decode") != [decode]
     assert _wait_until_serving(lim, text) == before
+    # The dead replica's gauges leave /metrics (Ray's agent drops gauges no one sets any more):
+    # the decode numbers are the new replica's alone, not the sum of a live and a dead one.
+    [new] = [name.rsplit("#", 1)[1] for name in _replica_actors("Decode")]
+    deadline = time.monotonic() + 30
+    while {s.labels["replica"] for f in text_string_to_metric_families(lim.metrics()) for s in f.samples
+           if s.name == "ray_popserve_decode_running_sequences"} != {new}:
+        assert time.monotonic() < deadline, "the dead decode replica's gauges stayed in /metrics"
+        time.sleep(0.5)
 
 
 def test_killing_a_prefill_replica_is_retried_and_dead_handoffs_are_never_decoded(lim):
