@@ -5,7 +5,12 @@ Stages raise ServeError subclasses; Ray wraps them on the way to the ingress, wh
 """
 from __future__ import annotations
 
-from typing import Optional
+import asyncio
+import logging
+import time
+from typing import Awaitable, Callable, Optional, TypeVar
+
+T = TypeVar("T")
 
 
 class ServeError(Exception):
@@ -90,3 +95,21 @@ def from_exception(exc: BaseException) -> ServeError:
     if isinstance(exc, TimeoutError):
         return StageFailed("a stage did not answer in time", code="timeout", retry_after=1.0)
     return ServeError(f"internal error: {type(exc).__name__}: {exc}")
+
+
+async def retry_replica_failures(attempt: Callable[[], Awaitable[T]], what: str,
+                                 deadline: Optional[float] = None) -> T:
+    """attempt(), made again when a stage replica died under it (REPLICA_RETRIES above), each
+    time after a longer pause (never past `deadline`, a time.monotonic()): a replica killed a
+    moment ago can still be in the router's list. Any other error is raised at once."""
+    for n in range(1 + REPLICA_RETRIES):
+        try:
+            return await attempt()
+        except Exception as exc:
+            err = from_exception(exc)
+            if n == REPLICA_RETRIES or err.code != "replica_failed":
+                raise
+            logging.getLogger("ray.serve").warning("%s: %s; retry %d of %d", what, err.message, n + 1, REPLICA_RETRIES)
+            pause = RETRY_BACKOFF_S * (n + 1)
+            await asyncio.sleep(pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic())))
+    raise AssertionError("unreachable")

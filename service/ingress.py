@@ -28,8 +28,8 @@ from popserve.models.prompt import Prompt, PromptBuilder
 from .config import ServeConfig
 from .deployments.common import replica_info, setup_replica
 from .engine.detokenize import Detokenizer
-from .errors import (REPLICA_RETRIES, RETRY_BACKOFF_S, BadRequest, NotFound, PayloadTooLarge, ServeError, StageFailed,
-                     Unauthorized, from_exception)
+from .errors import (BadRequest, NotFound, PayloadTooLarge, ServeError, StageFailed, Unauthorized, from_exception,
+                     retry_replica_failures)
 from .media import load_image
 from .metrics import IngressMetrics, node_metrics_url, scrape_node
 from .protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta,
@@ -364,25 +364,20 @@ class Ingress:
         the restarted one). A replica killed a moment ago can still be in the router's list, so
         each retry waits a little longer first."""
         deadline = time.monotonic() + self.cfg.limits.request_timeout_s  # all attempts share it
-        for attempt in range(1 + REPLICA_RETRIES):
+
+        async def attempt():
             first_timeout = max(0.001, deadline - time.monotonic())
             tokens = self._tokens(self._launch(req, prepared), req, prepared, rid, t0, first_timeout)
             try:
                 first = await tokens.__anext__()
             except StopAsyncIteration:
                 return tokens
-            except StageFailed as exc:
-                await tokens.aclose()
-                if attempt == REPLICA_RETRIES or exc.code != "replica_failed":
-                    raise
-                logger.warning("request %s: %s; retry %d of %d", rid, exc.message, attempt + 1, REPLICA_RETRIES)
-                await asyncio.sleep(min(RETRY_BACKOFF_S * (attempt + 1), max(0.0, deadline - time.monotonic())))
-                continue
             except BaseException:
                 await tokens.aclose()
                 raise
             return _prepend(first, tokens)
-        raise AssertionError("unreachable")
+
+        return await retry_replica_failures(attempt, f"request {rid}", deadline)
 
     async def _tokens(self, stream, req, prepared, rid, t0,
                       first_timeout: Optional[float] = None) -> AsyncIterator[list[tuple[int, Optional[str]]]]:

@@ -561,3 +561,37 @@ def test_decode_counts_requests_in_prefill_and_turns_them_away_before_prefilling
     assert will_wait == [False, False, True, True]
     assert all(len(r) == 3 for r in results if r != "rejected")
     assert stats["prefilling"] == 0 and stats["waiting"] == 0 and stats["running"] == 0
+
+
+def test_a_dead_replica_is_retried_and_nothing_else():
+    """Ingress (the whole request) and Decode (the prefill it asks for) share this retry."""
+    import time
+
+    from ray.exceptions import ActorDiedError
+
+    from popserve.service.errors import REPLICA_RETRIES, BadRequest, retry_replica_failures
+
+    def flaky(failures: list[BaseException]):
+        calls = []
+
+        async def attempt():
+            calls.append(time.monotonic())
+            if len(calls) <= len(failures):
+                raise failures[len(calls) - 1]
+            return "ok"
+        return attempt, calls
+
+    attempt, calls = flaky([ActorDiedError()] * REPLICA_RETRIES)
+    assert asyncio.run(retry_replica_failures(attempt, "test")) == "ok" and len(calls) == 1 + REPLICA_RETRIES
+    assert calls[2] - calls[1] > calls[1] - calls[0] > 0.2  # a longer pause each time
+    attempt, calls = flaky([ActorDiedError()] * (1 + REPLICA_RETRIES))
+    with pytest.raises(ActorDiedError):
+        asyncio.run(retry_replica_failures(attempt, "test"))
+    assert len(calls) == 1 + REPLICA_RETRIES
+    attempt, calls = flaky([BadRequest("no"), ActorDiedError()])
+    with pytest.raises(BadRequest):
+        asyncio.run(retry_replica_failures(attempt, "test"))
+    assert len(calls) == 1
+    attempt, calls = flaky([ActorDiedError()] * REPLICA_RETRIES)  # past the deadline: no pauses
+    asyncio.run(retry_replica_failures(attempt, "test", deadline=time.monotonic()))
+    assert calls[-1] - calls[0] < 0.2

@@ -1,7 +1,6 @@
 """Decode deployment: full-depth model, continuous batching, tokens streamed back."""
 from __future__ import annotations
 
-import asyncio
 from typing import AsyncIterator, Optional
 
 import torch
@@ -15,10 +14,10 @@ from popserve.models.sampling import SamplingParams
 
 from ..config import ServeConfig
 from ..engine.scheduler import DecodeScheduler
-from ..errors import REPLICA_RETRIES, RETRY_BACKOFF_S, from_exception
+from ..errors import retry_replica_failures
 from ..handoff import gpu_location, receive
 from ..metrics import StageMetrics
-from .common import logger, replica_info, setup_replica
+from .common import replica_info, setup_replica
 
 
 @serve.deployment
@@ -52,16 +51,11 @@ class DecodeStage:
         # A handoff that will wait for a slot comes through host memory, so that waiting requests
         # hold no GPU memory; one that gets a slot at once may stay on the GPU (service/handoff.py).
         deliver_to = None if self.scheduler.slots_spoken_for() else self.location
-        for attempt in range(1 + REPLICA_RETRIES):
-            try:
-                return await receive(await self.prefill[pop].prefill.remote(*args, deliver_to=deliver_to))
-            except Exception as exc:
-                if attempt == REPLICA_RETRIES or from_exception(exc).code != "replica_failed":
-                    raise
-                logger.warning("prefill replica failed (%s); asking again, %d of %d", type(exc).__name__,
-                               attempt + 1, REPLICA_RETRIES)
-                await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))
-        raise AssertionError("unreachable")
+
+        async def attempt():
+            return await receive(await self.prefill[pop].prefill.remote(*args, deliver_to=deliver_to))
+
+        return await retry_replica_failures(attempt, "prefill")
 
     def stats(self) -> dict:  # "pid": operators (and tests) can tell replicas apart
         return {**self.scheduler.stats(), "param_bytes": self.scheduler.decoder.param_bytes(), **replica_info()}
