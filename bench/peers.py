@@ -113,7 +113,9 @@ def main(argv=None) -> int:
             for pop in (True, False):
                 drive(f"{base}/v1/chat/completions", name, tok, args, {"pop": pop},
                       "popserve POP" if pop else "popserve POP off", results)
-            # The server's own counters (KV handoff seconds and bytes, stage busy time) for the run.
+            # The server's own counters (KV handoff seconds and bytes, stage busy time) for the run,
+            # once Ray's metrics agent has collected the last requests' (every 10 s).
+            time.sleep(11)
             out = Path(args.out)
             out.with_name(out.name + "-metrics.txt").write_text(httpx.get(f"{base}/metrics", timeout=30).text)
         finally:
