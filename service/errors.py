@@ -11,6 +11,7 @@ import time
 from typing import Awaitable, Callable, Optional, TypeVar
 
 T = TypeVar("T")
+logger = logging.getLogger("ray.serve")
 
 
 class ServeError(Exception):
@@ -109,7 +110,7 @@ async def retry_replica_failures(attempt: Callable[[], Awaitable[T]], what: str,
             err = from_exception(exc)
             if n == REPLICA_RETRIES or err.code != "replica_failed":
                 raise
-            logging.getLogger("ray.serve").warning("%s: %s; retry %d of %d", what, err.message, n + 1, REPLICA_RETRIES)
+            logger.warning("%s: %s; retry %d of %d", what, err.message, n + 1, REPLICA_RETRIES)
             pause = RETRY_BACKOFF_S * (n + 1)
             await asyncio.sleep(pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic())))
     raise AssertionError("unreachable")

@@ -108,7 +108,8 @@ class StageMetrics:
     def __init__(self, stage: str, stats: Callable[[], dict], interval_s: float = GAUGE_REFRESH_S):
         kind = "prefill" if stage == "prefill_full" else stage
         self.stats = stats
-        self.gauges = [(serve_metrics.Gauge(n, h, ("stage",)), keys[kind]) for n, h, keys in STAGE_GAUGES if kind in keys]
+        self.gauges = [(serve_metrics.Gauge(n, h, ("stage",)), keys[kind])
+                       for n, h, keys in STAGE_GAUGES if kind in keys]
         self.counters = [(serve_metrics.Counter(n, h, ("stage",)), keys[kind])
                          for n, h, keys in STAGE_COUNTERS if kind in keys]
         for metric, _ in self.gauges + self.counters:

@@ -14,8 +14,8 @@ from popserve.models.prefill import PrefillRequest, PrunedPrefill
 
 from ..config import ServeConfig
 from ..errors import BadRequest
-from ..metrics import StageMetrics
 from ..handoff import Location, send
+from ..metrics import StageMetrics
 from .common import replica_info, setup_replica
 
 MAX_PAD_RATIO = 1.5  # prompts batch together only when the longest is at most this x the shortest
