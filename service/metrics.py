@@ -26,7 +26,9 @@ LAT = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
        15, 20, 30, 60)
 ITL = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1)
 PREFIX = "ray_popserve_"  # Ray's exporter puts "ray_" before every application metric's name
-SERVE_TAGS = ("deployment", "replica", "application")  # added by ray.serve.metrics
+# Labels Ray's exporter puts on every sample to say which process sent it (plus otel_scope_*);
+# /metrics leaves them out: Serve's replica label already says it.
+RAY_PROCESS_LABELS = {"Component", "NodeAddress", "SessionName", "Version", "WorkerId", "JobId"}
 # Ray's agent drops a gauge that nobody set within two of its collection intervals (so a dead
 # replica's go away); every export sets them again.
 GAUGE_REFRESH_S = 1.0
@@ -139,15 +141,16 @@ def node_metrics_url() -> str:
 
 
 def popserve_samples(exposition: str, application: str) -> bytes:
-    """The popserve families of one application out of a Ray metrics agent's exposition, with only
-    the labels that say what a sample is (Serve's and ours), not Ray's process labels."""
-    keep_labels = {*SERVE_TAGS, "le", "stage", "code", "status", "pop"}
+    """The popserve families of one application out of a Ray metrics agent's exposition, without
+    Ray's process labels (every label that says what a sample is stays)."""
+    def keep(label: str) -> bool:
+        return label not in RAY_PROCESS_LABELS and not label.startswith("otel_scope_")
 
     def families():
         for family in text_string_to_metric_families(exposition):
             if not family.name.startswith(PREFIX):
                 continue
-            family.samples = [s._replace(labels={k: v for k, v in s.labels.items() if k in keep_labels})
+            family.samples = [s._replace(labels={k: v for k, v in s.labels.items() if keep(k)})
                               for s in family.samples if s.labels.get("application") == application]
             if family.samples:
                 yield family

@@ -79,9 +79,10 @@ def test_metrics_add_up_over_replicas(lim):
 
     time.sleep(3)  # earlier tests' prompts exported (each replica every 1 s, collected every 1 s)
     start = lim.metrics()
-    before, sent = sum(prompts(start).values()), 0
-    by_replica = lambda: {r: n for r, n in prompts(lim.metrics()).items() if n > prompts(start).get(r, 0)}
-    while sent < 24 and (sent < 4 or len(by_replica()) < 2):  # Serve picks the replica; go on until both served
+    at_start = prompts(start)
+    before, sent = sum(at_start.values()), 0
+    served = lambda: {r for r, n in prompts(lim.metrics()).items() if n > at_start.get(r, 0)}
+    while sent < 24 and (sent < 4 or len(served()) < 2):  # Serve picks the replica; go on until both served
         lim.answer(f"Count to {sent}", max_tokens=1)
         sent += 1
     text = wait_for_metric(lim.metrics, "ray_popserve_prefill_prompts_total", lambda n: n >= before + sent,
