@@ -31,6 +31,7 @@ class KVHandoff:
     fingerprint: str  # pop_fingerprint(model, k)
     prompt_tokens: int  # N (the handoff holds N-1 of them)
     created_at: float = 0.0  # wall clock when prefill finished, to time the handoff
+    cached_tokens: int = 0  # of the N-1, how many came from the prefill's prefix cache
 
     @property
     def num_tokens(self) -> int:

@@ -14,29 +14,41 @@ import torch
 from .families import Family
 
 
-def prefill_masks(family: Family, lengths: list[int], width: int,
-                  blocks: Optional[torch.Tensor], device) -> dict[str, Optional[torch.Tensor]]:
+def prefill_masks(family: Family, lengths: list[int], width: int, blocks: Optional[torch.Tensor], device,
+                  past: Optional[list[int]] = None) -> dict[str, Optional[torch.Tensor]]:
+    """Masks [B, 1, width, keys] for `lengths[b]` new tokens of prompt b (right-padded to width)
+    that follow `past[b]` cached ones (prefix cache). Keys are the cached tokens' slots
+    0..max(past)-1, then the new tokens' slots; rules apply to cache indices, not slots."""
+    past = past or [0] * len(lengths)
+    past_width = max(past)
     q = torch.arange(width, device=device)
     has_blocks = blocks is not None and bool((blocks >= 0).any())
     base = None
     masks: dict[str, Optional[torch.Tensor]] = {}
     for layer_type in set(family.layer_types):
         window = family.sliding_window(layer_type)
-        if not has_blocks and (window is None or width <= window):
+        if not past_width and not has_blocks and (window is None or width <= window):
             # Plain causal. Right padding needs no mask: a real token's keys all come before it,
             # and padded rows are discarded.
             masks[layer_type] = None
             continue
         if base is None:
-            allow = (q[None, :] <= q[:, None]).unsqueeze(0)  # [1, W, W] causal
+            cached = torch.tensor(past, device=device)[:, None]  # [B, 1]
+            slot = torch.arange(past_width + width, device=device)[None, :]  # [1, K]
+            new = slot >= past_width
+            qpos = cached + q[None, :]  # [B, W] cache index of each query
+            kpos = torch.where(new, cached + slot - past_width, slot)  # [B, K] cache index of each key
+            valid = torch.where(new, slot - past_width < torch.tensor(lengths, device=device)[:, None],
+                                slot < cached)  # [B, K] real keys
+            allow = kpos[:, None, :] <= qpos[:, :, None]  # [B, W, K] causal
             if has_blocks:
                 b = blocks.to(device)
-                allow = allow | ((b[:, :, None] == b[:, None, :]) & (b[:, :, None] >= 0))
-            valid = q[None, :] < torch.tensor(lengths, device=device)[:, None]  # [B, W] real keys
+                allow[:, :, past_width:] |= (b[:, :, None] == b[:, None, :]) & (b[:, :, None] >= 0)
             base = allow & valid[:, None, :]
-        m = base & (q[None, :] > q[:, None] - window) if window is not None else base
-        # A padded query row must attend somewhere, or SDPA returns NaN for it (discarded anyway).
-        masks[layer_type] = (m | torch.eye(width, dtype=torch.bool, device=device)).unsqueeze(1)
+            # A padded query row must attend somewhere, or SDPA returns NaN for it (discarded anyway).
+            own = slot == q[:, None] + past_width  # [W, K] each query's own slot
+        m = base & (kpos[:, None, :] > qpos[:, :, None] - window) if window is not None else base
+        masks[layer_type] = (m | own).unsqueeze(1)
     return masks
 
 

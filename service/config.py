@@ -127,6 +127,10 @@ class ServeConfig(_Strict):
     api_keys: list[str] = Field(default_factory=list)
     protect_metrics: bool = False  # /health stays open for probes; /metrics optionally keyed
     encoder_cache_bytes: int = Field(256 * 2**20, ge=0)
+    # Each prefill replica keeps recent prompts' KV by 32-token block (on its device) and prefills
+    # only what a new prompt does not share with them: a system prompt, an earlier turn, the same
+    # image. 0 turns it off. models/prefix_cache.py.
+    prefix_cache_bytes: int = Field(2**30, ge=0)
     # Zero-copy reads of torch tensors from Ray's shared-memory object store (CPU path): off, a
     # 2048-token handoff is pickled and copied on both sides; TTFT 1.15x (bench/results/zero-copy.md).
     zero_copy_tensors: bool = True

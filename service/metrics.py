@@ -87,6 +87,8 @@ STAGE_GAUGES = (
     ("popserve_decode_kv_pool_bytes", "Preallocated KV pool bytes", {"decode": "kv_pool_bytes"}),
     ("popserve_pop_layers_skipped", "Decoder layers this prefill skips", {"prefill": "skipped_layers"}),
     ("popserve_model_layers", "Decoder layers of the served model", {"prefill": "num_layers"}),
+    ("popserve_prefix_cache_bytes", "KV bytes held by this prefill replica's prefix cache",
+     {"prefill": "prefix_cache_bytes"}),
 )
 STAGE_COUNTERS = (
     ("popserve_stage_busy_seconds", "Compute time of the stage's replica",
@@ -100,6 +102,10 @@ STAGE_COUNTERS = (
      {"decode": "handoff_seconds"}),
     ("popserve_kv_handoffs", "KV handoffs received by decode", {"decode": "handoffs"}),
     ("popserve_encoder_cache_hits", "Image feature cache hits", {"encoder": "cache_hits"}),
+    ("popserve_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache",
+     {"prefill": "prefix_cache_queried_tokens"}),
+    ("popserve_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the prefix cache",
+     {"prefill": "prefix_cache_hit_tokens"}),
 )
 
 

@@ -14,10 +14,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from popserve.service.metrics import STAGE_COUNTERS, STAGE_GAUGES, popserve_samples
 
 ROOT = Path(__file__).resolve().parents[1]
-# Where each stage kind's stats() is written (StageMetrics reads decode's from the scheduler).
-STATS_SOURCES = {"encoder": ("service/deployments/encoder.py", "stats"),
-                 "prefill": ("service/deployments/prefill.py", "stats"),
-                 "decode": ("service/engine/scheduler.py", "stats")}
+# Where each stage kind's stats() is written (StageMetrics reads decode's from the scheduler;
+# prefill's takes in its prefix cache's).
+STATS_SOURCES = {"encoder": [("service/deployments/encoder.py", "stats")],
+                 "prefill": [("service/deployments/prefill.py", "stats"), ("models/prefix_cache.py", "stats")],
+                 "decode": [("service/engine/scheduler.py", "stats")]}
 
 
 def _dict_keys(path: str, func: str) -> set[str]:
@@ -28,7 +29,7 @@ def _dict_keys(path: str, func: str) -> set[str]:
 
 
 def test_every_exported_key_is_one_its_stage_reports():
-    reported = {kind: _dict_keys(*where) for kind, where in STATS_SOURCES.items()}
+    reported = {kind: set().union(*(_dict_keys(*w) for w in where)) for kind, where in STATS_SOURCES.items()}
     for name, _, keys in STAGE_GAUGES + STAGE_COUNTERS:
         for kind, key in keys.items():
             assert key in reported[kind], f"{name}: {kind}'s stats() has no {key!r}"

@@ -10,7 +10,7 @@ import os
 import httpx
 import pytest
 from PIL import Image
-from popserve_testing import metric_value, wait_for_metric
+from popserve_testing import metric_value, server_config, wait_for_metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from popserve.models.decoder import FullDecoder
@@ -514,6 +514,39 @@ def test_prefill_batches_are_limited_by_prompt_tokens(servers):
     batches = stats["batches"] - before["batches"]
     assert tokens // budget <= batches < len(prompts)  # several batches, some of several prompts
     assert 0 < stats["largest_batch_tokens"] <= budget
+
+
+def test_prefix_cache_reuses_a_shared_start_and_answers_the_same(server, references):
+    """Two questions about one image after the same long lead-in: the second prompt's shared whole
+    blocks come from the Prefill replica's prefix cache (its hits grow by exactly them, its computed
+    tokens by the rest, and /metrics counts them), and both answers are the cache-less stage
+    runners' token for token."""
+    from ray import serve
+
+    from popserve.models.prefix_cache import BLOCK_TOKENS
+
+    lead = "Read this picture the way a museum guide would describe it to visitors, slowly. " * 4
+    img = [png((90, 140, 200))]
+    texts = [lead + "What colour is it?", lead + "Is there a line across it?"]
+    builder = PromptBuilder(server.model_dir)
+    a, b = (builder.build(hf_messages(t, img), img).input_ids[:-1] for t in texts)  # what prefill computes
+    same = int((a[: len(b)] == b[: len(a)]).cumprod(0).sum())
+    shared = same // BLOCK_TOKENS * BLOCK_TOKENS
+    assert shared > int((b == builder.family.image_token_id).nonzero()[-1]) + BLOCK_TOKENS  # the image too
+
+    prefill = serve.get_deployment_handle("Prefill", app_name=server.app_name)
+    answers, stats = [], [prefill.stats.remote().result()]
+    for t in texts:
+        r = chat(server, t, img)
+        assert r.status_code == 200, r.text
+        answers.append(r.json()["choices"][0]["message"]["content"])
+        stats.append(prefill.stats.remote().result())
+    assert stats[2]["prefix_cache_hit_tokens"] - stats[1]["prefix_cache_hit_tokens"] == shared
+    assert stats[2]["tokens"] - stats[1]["tokens"] == len(b) - shared
+    assert 0 < stats[2]["prefix_cache_bytes"] <= server_config(server.model_dir).prefix_cache_bytes
+    assert answers == [references[server.family].answer(t, img) for t in texts]
+    wait_for_metric(lambda: httpx.get(f"{server.base_url}/metrics").text, "ray_popserve_prefix_cache_hit_tokens_total",
+                    lambda v: v >= stats[2]["prefix_cache_hit_tokens"], stage="prefill")
 
 
 def test_stages_are_separate_actors_and_prefill_is_pruned(servers):

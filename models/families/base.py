@@ -22,6 +22,7 @@ class ImageFeatures:
 
     data: torch.Tensor  # [1 + n_deepstack, n_tokens, hidden]
     grid_thw: Optional[tuple[int, int, int]] = None  # Qwen3-VL only
+    key: Optional[str] = None  # content digest of the source image, for the prefill's prefix cache
 
     @property
     def num_tokens(self) -> int:

@@ -63,6 +63,7 @@ class VisionEncoderStage:
         finally:
             self.in_flight -= len(todo)
         for i, feat in zip(todo, fresh):
+            feat.key = items[i][0]  # the image's identity for the prefill's prefix cache
             self.cache.put(items[i][0], feat)
             out[i] = feat
         return out

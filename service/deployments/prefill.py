@@ -38,7 +38,8 @@ class PrefillStage:
     def __init__(self, cfg: dict, pop_ratio: float, stage: str = "prefill"):
         self.cfg = ServeConfig.model_validate(cfg)
         setup_replica(self.cfg, self.cfg.stage(stage))
-        self.runner = PrunedPrefill(self.cfg.model, pop_ratio, self.cfg.dtype, self.cfg.device)
+        self.runner = PrunedPrefill(self.cfg.model, pop_ratio, self.cfg.dtype, self.cfg.device,
+                                    self.cfg.prefix_cache_bytes)
         # Serve's batcher limits a batch's prompt tokens (batch_size_fn below), not its count.
         self._batched.set_max_batch_size(self.cfg.prefill_batch_tokens)
         self.prompts = self.batches = self.tokens = self.in_flight = 0
@@ -76,7 +77,7 @@ class PrefillStage:
         self.busy_s += time.perf_counter() - t0
         self.batches += 1
         self.prompts += len(requests)
-        self.tokens += sum(r.input_ids.numel() - 1 for r in requests)
+        self.tokens += sum(h.num_tokens - h.cached_tokens for h in out)  # computed, not taken from the cache
         self.largest_batch = max(self.largest_batch, (sum(tokens), len(requests)))
         self.handoff_bytes += sum(h.nbytes for h in out)
         return out
@@ -88,7 +89,7 @@ class PrefillStage:
                 "batch_token_budget": self.cfg.prefill_batch_tokens, "largest_batch_tokens": self.largest_batch[0],
                 "largest_batch_prompts": self.largest_batch[1],
                 "skipped_layers": r.k, "num_layers": r.family.num_layers, "pop_ratio": r.pop_ratio,
-                "param_bytes": r.param_bytes(), **replica_info()}
+                "param_bytes": r.param_bytes(), **r.cache_stats(), **replica_info()}
 
     def held_parameter_names(self) -> list[str]:
         """For tests and operators: which weights this replica really holds."""
