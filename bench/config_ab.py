@@ -24,7 +24,7 @@ import psutil
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import bench_checkpoint, bodies_for, run_load, warm_up, write_report  # noqa: E402
+from loadgen import bench_checkpoint, bodies_for, run_load, sharing_note, warm_up, write_report  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROCESSES = {"Encoder": "ServeReplica:popserve:VisionEncoder", "Prefill": "ServeReplica:popserve:Prefill ",
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
             seed += 1000
             runs[arm].append(run_arm(model, base, arm, loads, tok, seed, args.max_tokens))
     header = (f"{Path(model).name}, {os.cpu_count()} cores{', config ' + args.config if args.config else ''}, "
-              f"{args.max_tokens} output tokens, streaming, unique prompts/images; medians of {args.rounds} "
+              f"{args.max_tokens} output tokens, streaming, {sharing_note(w for w, _, _ in loads)}; medians of {args.rounds} "
               f"server starts per arm, the order alternating")
     write_report(args.out, report(runs, loads, header))
     return 0

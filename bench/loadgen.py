@@ -1,6 +1,8 @@
 """Load generation against any OpenAI-compatible server (asyncio + httpx, loopback only).
 
-Bounded in request count and time; every prompt and image is unique (no cache hits). Shared by
+Bounded in request count and time. Every prompt and image is unique (no cache hits), except in the
+prefix-sharing workloads (shared<N>, sameimage<S>), where each prompt starts like the others and
+ends in its own question. Shared by
 bench/serve.py (POP on vs off) and bench/peers.py (popserve vs other servers); write_report for
 every bench script's markdown.
 """
@@ -45,6 +47,9 @@ class Result:
     itl: list[float] = field(default_factory=list)
     tokens: int = 0
     error: str = ""
+
+
+SHARED_SEED = 7_777_777  # the prefix every request of a prefix-sharing workload starts with
 
 
 def text_prompt(tokenizer, n_tokens: int, seed: int) -> str:
@@ -147,11 +152,12 @@ def summarize(results: list[Result], wall: float) -> dict:
     }
 
 
-def chat_body(model: str, text: str, image_url: Optional[str], max_tokens: int, extra: dict | None = None) -> dict:
+def chat_body(model: str, text: str, image_url: Optional[str], max_tokens: int, extra: dict | None = None,
+              system: Optional[str] = None) -> dict:
     content = text if image_url is None else [{"type": "image_url", "image_url": {"url": image_url}},
                                               {"type": "text", "text": text}]
-    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
-            "temperature": 0, **(extra or {})}
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+    return {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, **(extra or {})}
 
 
 def warm_up(url: str, name: str, tok, workloads, extra: dict | None = None) -> None:
@@ -162,14 +168,30 @@ def warm_up(url: str, name: str, tok, workloads, extra: dict | None = None) -> N
         asyncio.run(run_load(url, bodies_for(w, name, tok, 1, -10_000 - i, 4, extra), 1))
 
 
+def sharing_note(workloads) -> str:
+    """How the report's prompts relate, for its header."""
+    sharing = [w for w in workloads if w.startswith(("shared", "sameimage"))]
+    if not sharing:
+        return "unique prompts/images"
+    return f"unique prompts/images except the shared start of {', '.join(sharing)} (a unique question each)"
+
+
 def bodies_for(workload: str, name: str, tok, n: int, seed0: int, max_tokens: int, extra: dict | None = None) -> list[dict]:
-    """n unique requests of a workload: "text<N>" (an N-token prompt) or "image<S>" (an SxS noise
-    image and a short question), seeds seed0.."""
+    """n requests of a workload, seeds seed0..: "text<N>" (a unique N-token prompt), "image<S>" (a
+    unique SxS noise image and a short question); sharing a prefix: "shared<N>" (the same N-token
+    system prompt, then a unique question of about 24 tokens), "sameimage<S>" (the same SxS image,
+    then a unique question)."""
     out = []
     for i in range(n):
         seed = seed0 + i
         if workload.startswith("text"):
             out.append(chat_body(name, text_prompt(tok, int(workload[4:]), seed), None, max_tokens, extra))
+        elif workload.startswith("shared"):
+            out.append(chat_body(name, text_prompt(tok, 24, seed), None, max_tokens, extra,
+                                 system=text_prompt(tok, int(workload[6:]), SHARED_SEED)))
+        elif workload.startswith("sameimage"):
+            out.append(chat_body(name, f"Question {seed}: what is in this image? " + text_prompt(tok, 12, seed),
+                                 noise_image_url(int(workload[9:]), SHARED_SEED), max_tokens, extra))
         else:
             side = int(workload[5:])
             out.append(chat_body(name, "What is in this image? Answer briefly in a few words please.",

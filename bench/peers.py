@@ -7,6 +7,9 @@ then the same server with "pop": false, which routes to its full-depth prefill r
 `transformers serve` (same venv; sequential: its continuous batching does not cover Qwen3-VL).
 Both get the same compute dtype (--dtype, default: popserve's CPU policy, float32 on CPUs that
 only emulate bf16). Writes bench/results/peers.md, peers.json and peers.png and prints our ratios.
+Workloads (bench/loadgen.py): text<N> and image<S> are unique per request (the issue's loads);
+shared<N> (one N-token system prompt) and sameimage<S> (one image) share their start, which
+popserve's prefix cache serves (--workloads shared1009,sameimage448).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import bench_checkpoint, bodies_for, results_tables, run_load, warm_up  # noqa: E402
+from loadgen import bench_checkpoint, bodies_for, results_tables, run_load, sharing_note, warm_up  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -144,7 +147,7 @@ def report(results: dict, args, dtype: str, shape: str) -> None:
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     labels = sorted({k[0] for k in results}, key=["popserve POP", "popserve POP off", "transformers serve"].index)
     text = (f"{args.family} checkpoint {shape}, compute dtype {dtype}, {args.max_tokens} output tokens, "
-            f"streaming, unique prompts/images, {os.cpu_count()} cores{gpu}"
+            f"streaming, {sharing_note(args.workloads.split(","))}, {os.cpu_count()} cores{gpu}"
             f"{', config ' + args.serve_config if args.serve_config else ''}\n\n" + results_tables(results, "popserve POP"))
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps({"|".join(map(str, k)): v for k, v in results.items()}, indent=1))

@@ -12,6 +12,7 @@ from .deployments.decode import DecodeStage
 from .deployments.encoder import VisionEncoderStage
 from .deployments.prefill import PrefillStage
 from .ingress import Ingress
+from .routing import ROUTER_CLASS
 
 
 def build_app(args: Union[ServeConfig, dict, None] = None) -> serve.Application:
@@ -19,13 +20,20 @@ def build_app(args: Union[ServeConfig, dict, None] = None) -> serve.Application:
     cfg = cfg.resolved()
     c = cfg.model_dump()
     encoder = VisionEncoderStage.options(**deployment_options("VisionEncoder", cfg.encoder, cfg)).bind(c)
-    prefill = PrefillStage.options(**deployment_options("Prefill", cfg.prefill, cfg)).bind(c, cfg.pop_ratio, "prefill")
+    prefill = PrefillStage.options(**prefill_options("Prefill", cfg.prefill, cfg)).bind(c, cfg.pop_ratio, "prefill")
     prefill_full = None
     if cfg.pop_off_prefill and cfg.pop_ratio > 0:
-        prefill_full = PrefillStage.options(**deployment_options("PrefillFull", cfg.stage("prefill_full"), cfg)).bind(
+        prefill_full = PrefillStage.options(**prefill_options("PrefillFull", cfg.stage("prefill_full"), cfg)).bind(
             c, 0.0, "prefill_full")
     elif cfg.pop_ratio == 0:
         prefill_full = prefill  # POP is off anyway: the same replicas serve "pop": false
     decode = DecodeStage.options(**deployment_options("Decode", cfg.decode, cfg)).bind(c, prefill, prefill_full)
     return Ingress.options(**deployment_options("Ingress", cfg.ingress, cfg)).bind(
         c, encoder, prefill, prefill_full, decode)
+
+
+def prefill_options(name: str, settings, cfg: ServeConfig) -> dict:
+    opts = deployment_options(name, settings, cfg)
+    if cfg.prefix_cache_bytes:  # prompts that start alike go to the replica that has them cached
+        opts["request_router_config"] = {"request_router_class": ROUTER_CLASS}
+    return opts

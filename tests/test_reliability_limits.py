@@ -94,6 +94,49 @@ def test_metrics_add_up_over_replicas(lim):
             if s.name == "ray_popserve_stage_queue_depth" and s.labels["stage"] == "prefill"} == set(prompts(text))
 
 
+def test_prompts_that_start_alike_go_to_the_replica_that_has_them_cached(lim, qwen_dir):
+    """Questions after one long lead-in, one at a time, over the two prefill replicas: each after
+    the first finds the whole shared start in the cache, because the prefix-affinity router sends
+    them all to one replica (Serve's default picks either, and half would miss). Prompts that start
+    differently still spread over both replicas."""
+    from popserve.models.prefix_cache import BLOCK_TOKENS
+    from popserve.models.prompt import PromptBuilder
+
+    def per_replica(text, name):
+        return {s.labels["replica"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == name and s.labels["stage"] == "prefill"}
+
+    lead = "Before answering, recall the museum tour of the old harbour and its ships. " * 3
+    builder = PromptBuilder(qwen_dir)
+    texts = [f"{lead}Question {i}: which ship was the oldest one?" for i in range(6)]
+    ids = [builder.build([{"role": "user", "content": t}]).input_ids[:-1] for t in texts]
+    same = int((ids[0][: len(ids[1])] == ids[1][: len(ids[0])]).cumprod(0).sum())
+    shared = same // BLOCK_TOKENS * BLOCK_TOKENS
+    assert shared >= 2 * BLOCK_TOKENS
+
+    time.sleep(3)  # earlier tests' numbers exported and collected
+    start = lim.metrics()
+    hits0 = sum(per_replica(start, "ray_popserve_prefix_cache_hit_tokens_total").values())
+    prompts0 = per_replica(start, "ray_popserve_prefill_prompts_total")
+    for t in texts:
+        lim.answer(t, max_tokens=1)
+    text = wait_for_metric(lim.metrics, "ray_popserve_prefill_prompts_total",
+                           lambda n: n >= sum(prompts0.values()) + len(texts), stage="prefill")
+    hits = sum(per_replica(text, "ray_popserve_prefix_cache_hit_tokens_total").values()) - hits0
+    assert hits == (len(texts) - 1) * shared
+    grew = {r for r, n in per_replica(text, "ray_popserve_prefill_prompts_total").items() if n > prompts0.get(r, 0)}
+    assert len(grew) == 1  # all on one replica
+
+    # Sixteen different starts: all on one replica would happen with probability 2^-15.
+    prompts1 = per_replica(text, "ray_popserve_prefill_prompts_total")
+    for i in range(16):
+        lim.answer(f"{i} " * 3 + lead, max_tokens=1)
+    text = wait_for_metric(lim.metrics, "ray_popserve_prefill_prompts_total",
+                           lambda n: n >= sum(prompts1.values()) + 16, stage="prefill")
+    grew = {r for r, n in per_replica(text, "ray_popserve_prefill_prompts_total").items() if n > prompts1.get(r, 0)}
+    assert len(grew) == 2
+
+
 # ---- SSRF over HTTP (remote fetch on) ---------------------------------------------------------
 class _Counting(BaseHTTPRequestHandler):
     hits = 0
