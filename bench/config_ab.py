@@ -153,7 +153,8 @@ def main(argv=None) -> int:
             seed += 1000
             runs[arm].append(run_arm(model, base, arm, loads, tok, seed, args.max_tokens))
     header = (f"{Path(model).name}, {os.cpu_count()} cores{', config ' + args.config if args.config else ''}, "
-              f"{args.max_tokens} output tokens, streaming, {sharing_note(w for w, _, _ in loads)}; medians of {args.rounds} "
+              f"{args.max_tokens} output tokens, streaming, {sharing_note(w for w, _, _ in loads)}; "
+              f"medians of {args.rounds} "
               f"server starts per arm, the order alternating")
     write_report(args.out, report(runs, loads, header))
     return 0

@@ -146,8 +146,9 @@ def report(results: dict, args, dtype: str, shape: str) -> None:
     out = Path(args.out)
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     labels = sorted({k[0] for k in results}, key=["popserve POP", "popserve POP off", "transformers serve"].index)
+    prompts = sharing_note(args.workloads.split(","))
     text = (f"{args.family} checkpoint {shape}, compute dtype {dtype}, {args.max_tokens} output tokens, "
-            f"streaming, {sharing_note(args.workloads.split(","))}, {os.cpu_count()} cores{gpu}"
+            f"streaming, {prompts}, {os.cpu_count()} cores{gpu}"
             f"{', config ' + args.serve_config if args.serve_config else ''}\n\n" + results_tables(results, "popserve POP"))
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps({"|".join(map(str, k)): v for k, v in results.items()}, indent=1))

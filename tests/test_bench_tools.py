@@ -1,6 +1,6 @@
 """The GPU-node tools in bench/ (engine.py, step_profile.py) and the 8B shape they build, on what
 runs here: the tiny checkpoint on the CPU, and the 8B configuration on the meta device. Also the
-CPU layout comparison (cpu_layouts.py)."""
+CPU layout comparison (cpu_layouts.py), and the load generator's workloads."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,8 @@ import torch
 
 from popserve.models.loading import _can_pack
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
 
 
 def test_8b_shape_is_qwen3_vl_8b():
@@ -137,3 +138,29 @@ def test_config_ab_report_gives_each_arm_and_its_ratio_to_the_first():
                                                  "`engine.stream_interval=4` / default"]
     assert "| 11.0 | 600 |" in rows[0] and "| 14.0 | 300 |" in rows[1]  # medians of the two rounds
     assert "| 1.27x | 0.50x |" in rows[2]  # 14 / 11 tok/s, 300 / 600 ms
+
+
+def test_every_bench_script_compiles_on_this_python():
+    """The scripts run by hand, not in CI: at least they must parse here (a quote reused inside an
+    f-string parses only from Python 3.12 on)."""
+    for path in sorted(BENCH.glob("*.py")):
+        compile(path.read_text(), str(path), "exec")
+
+
+def test_prefix_sharing_workloads_share_their_start_and_end_apart(qwen_dir):
+    from transformers import AutoTokenizer
+
+    import loadgen
+
+    tok = AutoTokenizer.from_pretrained(qwen_dir)
+    a, b = loadgen.bodies_for("shared300", "m", tok, 2, 0, 4)
+    assert a["messages"][0] == b["messages"][0] and a["messages"][0]["role"] == "system"
+    assert 250 <= len(tok(a["messages"][0]["content"])["input_ids"]) <= 310
+    assert a["messages"][1]["content"] != b["messages"][1]["content"]
+    c, d = loadgen.bodies_for("sameimage64", "m", tok, 2, 0, 4)
+    (ci, ct), (di, dt) = c["messages"][0]["content"], d["messages"][0]["content"]
+    assert ci == di and ct != dt
+    e, f = loadgen.bodies_for("image64", "m", tok, 2, 0, 4)
+    assert e["messages"][0]["content"][0] != f["messages"][0]["content"][0]  # unique images
+    assert loadgen.sharing_note(["text512", "image448"]) == "unique prompts/images"
+    assert "sameimage64" in loadgen.sharing_note(["text512", "sameimage64"])
