@@ -4,6 +4,7 @@
 #   tests    the tests that need a GPU (CUDA-graph decode steps, the CUDA IPC handoff)
 #   profile  bench/step_profile.py: one prefill / decode step, decode from CUDA graphs and eager
 #   ab       bench/config_ab.py: the server with its GPU handoff by CUDA IPC against host memory
+#   prefix   bench/config_ab.py: the prefix cache on against off, on prompts that share their start
 #   serve    bench/peers.py's popserve part: the real server (Ray Serve, all stages sharing the
 #            GPU, bench/gpu-8b.yaml) driven over HTTP, POP on and off, and its /metrics afterwards
 # The checkout travels too, within the call's 64 MiB with the archive: move the tracked
@@ -22,7 +23,8 @@ model=/tmp/popserve-ckpt/qwen3-vl-8b
 t0=$SECONDS
 if [[ $parts == *,tests,* ]]; then
   echo "== GPU tests"
-  timeout 90 python3 -m pytest -q -s -p no:cacheprovider tests/test_models_decode_graphs.py tests/test_gpu_handoff.py
+  timeout 90 python3 -m pytest -q -s -p no:cacheprovider tests/test_models_decode_graphs.py tests/test_gpu_handoff.py \
+    tests/test_models_prefix_cache.py::test_reuse_on_a_gpu_gives_the_kv_prefill_computes_there
   tests_rc=$?
 fi
 config=bench/gpu-8b.yaml
@@ -43,6 +45,11 @@ if [[ $parts == *,ab,* ]]; then
   timeout 200 python3 bench/config_ab.py --model "$model" --config "$config" --arm "" --arm gpu_handoff=host \
     --loads text2048:1:8,text2048:16:16,image448:1:8,image448:16:16,text512:16:16 --rounds 1 \
     --out "$out/handoff-ab-8b-h200.md"
+fi
+if [[ $parts == *,prefix,* ]]; then
+  echo "== prefix cache A/B ($((SECONDS - t0)) s)"
+  timeout 200 python3 bench/config_ab.py --model "$model" --config "$config" --arm "" --arm prefix_cache_bytes=0 \
+    --loads shared1009:1:8,sameimage448:1:8,shared1009:16:16 --rounds 1 --out "$out/prefix-cache-ab-8b-h200.md"
 fi
 if [[ $parts == *,serve,* ]]; then
   echo "== server ($((SECONDS - t0)) s)"

@@ -148,3 +148,16 @@ def test_the_cache_stays_within_its_bytes_and_drops_tails_first():
     assert cache.lookup(keys_a, kv.shape[3])[0] == 2 * BLOCK_TOKENS
     assert cache.lookup(keys_b, kv.shape[3])[0] == 2 * BLOCK_TOKENS
     assert cache.lookup(keys_a, BLOCK_TOKENS + 5)[0] == BLOCK_TOKENS  # never more than asked for
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (bench/gpu_serve.sh runs it on a lent one)")
+def test_reuse_on_a_gpu_gives_the_kv_prefill_computes_there(tiny_dirs):
+    d = tiny_dirs["qwen3-vl"]
+    s = SimpleNamespace(pb=PromptBuilder(d), enc=VisionEncoder(d), plain=PrunedPrefill(d, device="cuda"),
+                        cached=PrunedPrefill(d, device="cuda", prefix_cache_bytes=2**30))
+    first, second = (request(s, LEAD + q, IMAGE) for q in ("What colour is it?", "Is it large?"))
+    s.cached.prefill([first])
+    (got,) = s.cached.prefill([second])
+    assert got.kv.is_cuda and got.cached_tokens == shared_blocks(first, second) > 0
+    assert next(iter(s.cached.cache.blocks.values())).is_cuda  # the cache lives on the replica's device
+    torch.testing.assert_close(got.kv, s.plain.prefill([second])[0].kv, atol=1e-4, rtol=1e-4)
