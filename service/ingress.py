@@ -123,6 +123,11 @@ def _healthy_in_serve(stages: dict) -> set[str]:
     return {name for name, d in deployments.items() if d is not None and d.status in up}
 
 
+def _cached_tokens(items: list[tuple], known: int) -> int:
+    """Decode's first token also carries how many prompt tokens the prefill's cache supplied."""
+    return items[0][2] if len(items[0]) > 2 else known
+
+
 def _request_id() -> str:
     """Serve gives every request an id (the client's x-request-id header when sent) and echoes
     it in the response's x-request-id header; logs carry it too."""
@@ -424,9 +429,10 @@ class Ingress:
 
     async def _complete(self, req, prepared, tokens, rid, t0) -> JSONResponse:
         detok = Detokenizer(self.builder.tokenizer, req.stop)
-        reason, count = None, 0
+        reason, count, cached = None, 0, 0
         try:
             async for items in tokens:
+                cached = _cached_tokens(items, cached)
                 _, used, reason = detok.feed_message(items)  # the text accumulates in detok.text
                 count += used
                 if reason:
@@ -438,7 +444,7 @@ class Ingress:
         body = ChatCompletion(
             id=f"chatcmpl-{rid}", created=int(time.time()), model=self.model_name,
             choices=[Choice(message=ResponseMessage(content=detok.text), finish_reason=reason or "length")],
-            usage=Usage(prompt_tokens=n, completion_tokens=count, total_tokens=n + count),
+            usage=Usage.of(n, count, cached),
         )
         return JSONResponse(body.model_dump())
 
@@ -451,10 +457,11 @@ class Ingress:
             return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
 
         detok = Detokenizer(self.builder.tokenizer, req.stop)
-        reason, count = None, 0
+        reason, count, cached = None, 0, 0
         yield chunk(Delta(role="assistant", content=""))
         try:
             async for items in tokens:
+                cached = _cached_tokens(items, cached)
                 # One event for the tokens that arrived together: every event is a message to
                 # Serve's proxy and a write to the socket (docs/performance.md).
                 text, used, reason = detok.feed_message(items)
@@ -473,7 +480,6 @@ class Ingress:
         self._finish_metrics(prepared, count, t0)
         yield chunk(Delta(), reason=reason or "length")
         if req.stream_options and req.stream_options.include_usage:
-            yield chunk(Delta(), usage=Usage(prompt_tokens=n, completion_tokens=count, total_tokens=n + count),
-                        choices=False)
+            yield chunk(Delta(), usage=Usage.of(n, count, cached), choices=False)
         yield "data: [DONE]\n\n"
 

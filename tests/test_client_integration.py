@@ -113,6 +113,8 @@ def test_streaming_equals_the_greedy_answer(client, popserve_model_name, image_p
     assert all(d.usage is None for d in deltas[:-1])
     assert final.completion_tokens == full.usage.completion_tokens
     assert final.prompt_tokens == full.usage.prompt_tokens
+    # Asked again, the prompt's whole 32-token blocks come from the server's prefix cache.
+    assert final.prompt_tokens_details.cached_tokens == (final.prompt_tokens - 1) // 32 * 32
     assert stream.request_id and stream.request_id != full.request_id
     assert all(d.request_id == stream.request_id for d in deltas)
 

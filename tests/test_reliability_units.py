@@ -420,6 +420,7 @@ def test_api_key_policy():
 # ---- decode queue bound --------------------------------------------------------------------------
 class _FakeHandoff:
     num_tokens = prompt_tokens = 4
+    cached_tokens = 0
     nbytes = 0
     created_at = 0.0
 

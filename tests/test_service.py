@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from popserve.models.decoder import FullDecoder
 from popserve.models.encoder import VisionEncoder
 from popserve.models.prefill import PrefillRequest, PrunedPrefill
+from popserve.models.prefix_cache import BLOCK_TOKENS
 from popserve.models.prompt import PromptBuilder
 from popserve.models.sampling import SamplingParams
 
@@ -113,7 +114,12 @@ def test_http_greedy_matches_stage_runners(server, references, case, pop):
                                                 stream_options={"include_usage": True}))
     assert streamed == want
     assert reason == body["choices"][0]["finish_reason"]
-    assert chunks[-1]["usage"] == body["usage"]
+    usage, details = dict(chunks[-1]["usage"]), chunks[-1]["usage"]["prompt_tokens_details"]
+    usage.pop("prompt_tokens_details")
+    assert usage == {k: v for k, v in body["usage"].items() if k != "prompt_tokens_details"}
+    # The same prompt again: every whole block of it now comes from the prefill's prefix cache.
+    whole = (body["usage"]["prompt_tokens"] - 1) // BLOCK_TOKENS * BLOCK_TOKENS
+    assert details == {"cached_tokens": whole} and body["usage"]["prompt_tokens_details"]["cached_tokens"] <= whole
 
 
 def test_stop_strings_cut_the_answer_streamed_or_not(server):
@@ -456,6 +462,8 @@ def test_openai_client_with_image(servers):
             usage = ev.usage
     assert "".join(parts) == content
     assert usage.completion_tokens == resp.usage.completion_tokens
+    # The openai package reads our prompt_tokens_details: the repeated prompt's whole blocks were cached.
+    assert usage.prompt_tokens_details.cached_tokens == (usage.prompt_tokens - 1) // BLOCK_TOKENS * BLOCK_TOKENS
     models = client.models.list()
     assert [m.id for m in models.data] == [server.model_name]
 
@@ -523,8 +531,6 @@ def test_prefix_cache_reuses_a_shared_start_and_answers_the_same(server, referen
     runners' token for token."""
     from ray import serve
 
-    from popserve.models.prefix_cache import BLOCK_TOKENS
-
     lead = "Read this picture the way a museum guide would describe it to visitors, slowly. " * 4
     img = [png((90, 140, 200))]
     texts = [lead + "What colour is it?", lead + "Is there a line across it?"]
@@ -535,13 +541,14 @@ def test_prefix_cache_reuses_a_shared_start_and_answers_the_same(server, referen
     assert shared > int((b == builder.family.image_token_id).nonzero()[-1]) + BLOCK_TOKENS  # the image too
 
     prefill = serve.get_deployment_handle("Prefill", app_name=server.app_name)
-    answers, stats = [], [prefill.stats.remote().result()]
+    answers, cached, stats = [], [], [prefill.stats.remote().result()]
     for t in texts:
         r = chat(server, t, img)
         assert r.status_code == 200, r.text
         answers.append(r.json()["choices"][0]["message"]["content"])
+        cached.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
         stats.append(prefill.stats.remote().result())
-    assert stats[2]["prefix_cache_hit_tokens"] - stats[1]["prefix_cache_hit_tokens"] == shared
+    assert stats[2]["prefix_cache_hit_tokens"] - stats[1]["prefix_cache_hit_tokens"] == shared == cached[1]
     assert stats[2]["tokens"] - stats[1]["tokens"] == len(b) - shared
     assert 0 < stats[2]["prefix_cache_bytes"] <= server_config(server.model_dir).prefix_cache_bytes
     assert answers == [references[server.family].answer(t, img) for t in texts]

@@ -35,7 +35,7 @@ class Detokenizer:
         """One decode message's (token id, finish reason) pairs: returns the new text, how many
         tokens count (none after a stop string or the finish), and the finish reason or None."""
         text = ""
-        for used, (token_id, finish) in enumerate(items, 1):
+        for used, (token_id, finish, *_) in enumerate(items, 1):
             text += self.feed(token_id)
             reason = "stop" if self.stopped else finish
             if reason:

@@ -55,7 +55,8 @@ class DecodeScheduler:
                        params: SamplingParams) -> AsyncIterator[list]:
         """Yields lists of (token_id, finish_reason) as steps produce them: the first list as soon
         as there is a token (TTFT), then lists of at least stream_interval tokens (fewer only at
-        the end), longer when the caller reads slower than the steps come.
+        the end), longer when the caller reads slower than the steps come. The first token's tuple
+        has a third element: how many prompt tokens the prefill took from its prefix cache.
 
         `handoff` may still be coming (an awaitable: the prefill this replica asked for). The
         queue bound is checked first, so a full decode turns a request away before any prefill
@@ -85,12 +86,14 @@ class DecodeScheduler:
                              f"exceeds the context length {dec.max_seq_len}", param="max_tokens",
                              code="context_length_exceeded")
         req = _Request(handoff, params, asyncio.Queue())
+        cached = handoff.cached_tokens
         del handoff  # the request holds it until admission copies the KV into the pool
         self.waiting.append(req)
         self._ensure_loop()
         finished = False
         try:
             want = 1  # the first token goes out at once (TTFT)
+            first = True
             while not finished:
                 items = []
                 while not finished and (len(items) < want or not req.out.empty()):
@@ -100,6 +103,8 @@ class DecodeScheduler:
                     items.append(item)
                     finished = item[1] is not None
                 want = self.stream_interval
+                if first:
+                    items[0], first = (*items[0], cached), False
                 yield items
         finally:
             if not finished:  # client went away or an error: free the slot at the next step

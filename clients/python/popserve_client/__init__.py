@@ -30,6 +30,7 @@ from .types import (
     Health,
     Model,
     ModelList,
+    PromptTokensDetails,
     StreamDelta,
     Usage,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "ChatMessage",
     "Choice",
     "Usage",
+    "PromptTokensDetails",
     "StreamDelta",
     "Model",
     "ModelList",

@@ -10,10 +10,15 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class PromptTokensDetails(_Model):
+    cached_tokens: int = 0  # of prompt_tokens, how many the server took from its prefix cache
+
+
 class Usage(_Model):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
 
 
 class ChatMessage(_Model):
