@@ -29,6 +29,7 @@ class PrefillRequest:
     input_ids: torch.Tensor  # [N] the whole prompt, t_1..t_N
     mm_token_type_ids: Optional[torch.Tensor] = None
     images: list[ImageFeatures] = field(default_factory=list)  # in prompt order
+    cache_salt: Optional[str] = None  # prefix-cache reuse only between prompts of the same salt
 
 
 class _KVCollector:
@@ -82,7 +83,7 @@ class PrunedPrefill:
             raise ValueError("empty prompt")
         prompts = [r.input_ids[:-1] for r in requests]  # t_1..t_{N-1}
         spans = [self._image_spans(r, p) for r, p in zip(requests, prompts)]
-        keys = [block_keys(p, s) if cache else [] for p, s in zip(prompts, spans)]
+        keys = [block_keys(p, s, r.cache_salt) if cache else [] for r, p, s in zip(requests, prompts, spans)]
         cached = [cache.lookup(k, p.numel()) if cache else (0, None) for k, p in zip(keys, prompts)]
         past = [n for n, _ in cached]  # leading tokens whose KV the cache has
         lengths = [p.numel() - n for p, n in zip(prompts, past)]  # the tokens to compute

@@ -2,7 +2,8 @@
 
 vLLM's automatic prefix caching, for POP's handoff KV. A prompt's t_1..t_{N-1} is cut into blocks
 of BLOCK_TOKENS; block i is keyed by a hash chain over every token (and every image, by content
-digest) up to its end, so a key names the whole prefix before it, and equal keys mean equal KV
+digest) up to its end, and over the request's cache salt (if any), so a key names the whole prefix
+before it, and equal keys mean equal KV
 (token KV is causal; Gemma-3's bidirectional image tokens only see their own image, whose digest
 is in the key of every block it touches). A later prompt that starts with the same blocks prefills
 only the rest. POP's KV differs from a full prefill's, so a cache belongs to one prefill runner.
@@ -31,14 +32,15 @@ class ImageSpan:
     key: Optional[str]  # None: unknown content, so nothing from `start` on can be cached
 
 
-def block_keys(input_ids: torch.Tensor, images: Sequence[ImageSpan]) -> list[bytes]:
-    """One key per full block of input_ids (the tokens to prefill), each naming all before it."""
+def block_keys(input_ids: torch.Tensor, images: Sequence[ImageSpan], salt: Optional[str] = None) -> list[bytes]:
+    """One key per full block of input_ids (the tokens to prefill), each naming all before it
+    and the request's cache salt: prompts with other salts share nothing."""
     ids = input_ids.to("cpu", torch.int64).numpy()
     stop = len(ids)
     for im in images:
         if im.key is None:
             stop = min(stop, im.start)
-    keys, parent = [], b""
+    keys, parent = [], hashlib.blake2b(salt.encode(), digest_size=16).digest() if salt else b""
     for start in range(0, stop - BLOCK_TOKENS + 1, BLOCK_TOKENS):
         end = start + BLOCK_TOKENS
         h = hashlib.blake2b(parent, digest_size=16)

@@ -91,6 +91,9 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     pop: bool = True  # popserve extension: False runs full-depth prefill (A/B checks)
+    # vLLM's extension: prompts reuse cached KV only from prompts with the same salt, so that one
+    # tenant cannot time another's prompts (docs/reliability.md).
+    cache_salt: Optional[str] = Field(None, min_length=1, max_length=256)
 
     @model_validator(mode="before")
     @classmethod

@@ -32,12 +32,15 @@ ROUTER_CLASS = "popserve.service.routing:PrefixAffinityRouter"  # how Serve's co
 
 
 def prefix_key(pending_request: Optional[PendingRequest]) -> Optional[bytes]:
-    """The first block of the prompt a prefill call carries (its first argument), or None when
-    the call has none worth routing by (shorter than a block plus t_N, or not a prefill)."""
+    """The first block of the prompt a prefill call carries (its first argument) and its cache
+    salt, or None when the call has none worth routing by (shorter than a block plus t_N, or not
+    a prefill)."""
     ids = pending_request.args[0] if pending_request is not None and pending_request.args else None
     if not torch.is_tensor(ids) or ids.numel() <= BLOCK_TOKENS:
         return None
-    return hashlib.blake2b(ids[:BLOCK_TOKENS].to(torch.int64).numpy().tobytes(), digest_size=16).digest()
+    h = hashlib.blake2b(ids[:BLOCK_TOKENS].to(torch.int64).numpy().tobytes(), digest_size=16)
+    h.update((pending_request.kwargs.get("cache_salt") or "").encode())
+    return h.digest()
 
 
 def rank(key: bytes, replicas: list[RunningReplica]) -> list[RunningReplica]:

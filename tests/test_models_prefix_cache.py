@@ -5,7 +5,8 @@
   for both families (Gemma-3's sliding windows and bidirectional image blocks included), alone
   and batched beside misses and a prompt cached to its last token.
 * An image is part of the key: the same text with another image (or an image of unknown content)
-  reuses nothing from that image's first token on; the same image is reused past it.
+  reuses nothing from that image's first token on; the same image is reused past it. So is the
+  request's cache salt: another salt reuses nothing.
 * The cache stays within its bytes, dropping a prefix's tail before its head.
 """
 from __future__ import annotations
@@ -119,6 +120,21 @@ def test_an_image_is_part_of_the_key(stack, key):
     assert s.cached.prefill([again])[0].cached_tokens > start
 
 
+def test_a_cache_salt_keeps_prompts_apart(stack):
+    """vLLM's cache_salt: the same prompt under another salt reuses nothing (no salt at all:
+    tests/test_service.py::test_cache_salt_keeps_tenants_apart)."""
+    s = stack
+
+    def salted(salt):
+        r = request(s, "Only this test sends these words, about tenants and salts. " * 3, IMAGE)
+        r.cache_salt = salt
+        return r
+
+    s.cached.prefill([salted("tenant-a")])
+    whole = (salted("tenant-a").input_ids.numel() - 1) // BLOCK_TOKENS * BLOCK_TOKENS
+    assert [s.cached.prefill([salted(t)])[0].cached_tokens for t in ("tenant-b", "tenant-a")] == [0, whole]
+
+
 def test_block_keys_name_everything_before_them():
     ids = torch.arange(5 * BLOCK_TOKENS + 7)
     keys = block_keys(ids, [])
@@ -131,6 +147,8 @@ def test_block_keys_name_everything_before_them():
     assert with_a[:2] == keys[:2] and with_a[2] != keys[2]
     assert [a == b for a, b in zip(with_a, with_b)] == [True, True, False, False, False]
     assert block_keys(ids, [ImageSpan(image.start, image.end, None)]) == keys[:2]
+    salted = block_keys(ids, [], "tenant")
+    assert len(salted) == 5 and not set(salted) & set(keys) and salted == block_keys(ids, [], "tenant")
 
 
 def test_the_cache_stays_within_its_bytes_and_drops_tails_first():

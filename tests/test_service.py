@@ -556,6 +556,25 @@ def test_prefix_cache_reuses_a_shared_start_and_answers_the_same(server, referen
                     lambda v: v >= stats[2]["prefix_cache_hit_tokens"], stage="prefill")
 
 
+def test_cache_salt_keeps_tenants_apart(servers):
+    """A prompt reuses cached KV only from prompts sent with the same cache_salt (vLLM's field),
+    so that one tenant cannot learn another's prompts from its response times."""
+    server = servers["qwen3-vl"]
+    text = "Tenant test: recall the long list of harbour ships, their sails and their captains. " * 3
+
+    def cached(salt):
+        r = chat(server, text, cache_salt=salt)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"], r.json()["usage"]["prompt_tokens"]
+
+    first, n = cached("tenant-a")
+    whole = (n - 1) // BLOCK_TOKENS * BLOCK_TOKENS
+    assert first == 0 and whole >= 2 * BLOCK_TOKENS
+    assert [cached(salt)[0] for salt in ("tenant-b", None, "tenant-a")] == [0, 0, whole]
+    bad = chat(server, text, cache_salt="")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache_salt", bad.text
+
+
 def test_stages_are_separate_actors_and_prefill_is_pruned(servers):
     import ray
     from ray import serve

@@ -36,16 +36,17 @@ class DecodeStage:
         self.location = gpu_location()  # prefill replicas on this GPU hand KV over by CUDA IPC
 
     async def generate(self, input_ids: torch.Tensor, mm_token_type_ids: Optional[torch.Tensor],
-                       features: Optional[list[ImageFeatures]], params: dict, pop: bool = True) -> AsyncIterator[list]:
+                       features: Optional[list[ImageFeatures]], params: dict, pop: bool = True,
+                       cache_salt: Optional[str] = None) -> AsyncIterator[list]:
         # Decode asks for the prefill itself, so that the KV handoff is this replica's object in
         # Ray's store and is freed as soon as the KV is in the pool. Handed in by the Ingress, it
         # would stay pinned as an argument of this stream until its last token: a second copy of
         # every running prompt's KV in the store (tests/test_service.py, the handoff's lifetime).
-        handoff = self._prefill(pop, input_ids, mm_token_type_ids, features)  # awaited by the scheduler
+        handoff = self._prefill(pop, cache_salt, input_ids, mm_token_type_ids, features)  # awaited by the scheduler
         async for items in self.scheduler.generate(handoff, SamplingParams(**params)):
             yield items
 
-    async def _prefill(self, pop: bool, *args) -> KVHandoff:
+    async def _prefill(self, pop: bool, cache_salt: Optional[str], *args) -> KVHandoff:
         """The request's KV handoff. A prefill replica that dies is asked again (on another replica)
         here, so the request keeps its place in decode instead of being relaunched whole."""
         # A handoff that will wait for a slot comes through host memory, so that waiting requests
@@ -53,7 +54,8 @@ class DecodeStage:
         deliver_to = None if self.scheduler.slots_spoken_for() else self.location
 
         async def attempt():
-            return await receive(await self.prefill[pop].prefill.remote(*args, deliver_to=deliver_to))
+            return await receive(await self.prefill[pop].prefill.remote(*args, deliver_to=deliver_to,
+                                                                        cache_salt=cache_salt))
 
         return await retry_replica_failures(attempt, "prefill")
 

@@ -50,7 +50,7 @@ class PrefillStage:
 
     async def prefill(self, input_ids: torch.Tensor, mm_token_type_ids: Optional[torch.Tensor],
                       features: Optional[list[ImageFeatures]] = None,
-                      deliver_to: Optional[Location] = None) -> KVHandoff:
+                      deliver_to: Optional[Location] = None, cache_salt: Optional[str] = None) -> KVHandoff:
         """The prompt's KV handoff, for the decode replica at `deliver_to` (service/handoff.py)."""
         features = features or []
         image_tokens = int((input_ids == self.runner.family.image_token_id).sum())
@@ -61,7 +61,7 @@ class PrefillStage:
         try:
             # A prompt longer than the budget counts as the whole budget: it runs alone.
             tokens = min(input_ids.numel(), self.cfg.prefill_batch_tokens)
-            handoff = await self._batched(tokens, PrefillRequest(input_ids, mm_token_type_ids, features))
+            handoff = await self._batched(tokens, PrefillRequest(input_ids, mm_token_type_ids, features, cache_salt))
             return await send(handoff, deliver_to if self.cfg.gpu_handoff == "cuda_ipc" else None)
         finally:
             self.in_flight -= 1
