@@ -1,12 +1,12 @@
 """Prefix cache of a prefill replica: prompt KV kept by block, reused by later prompts.
 
 vLLM's automatic prefix caching, for POP's handoff KV. A prompt's t_1..t_{N-1} is cut into blocks
-of BLOCK_TOKENS; block i is keyed by a hash chain over every token (and every image, by content
-digest) up to its end, and over the request's cache salt (if any), so a key names the whole prefix
-before it, and equal keys mean equal KV
-(token KV is causal; Gemma-3's bidirectional image tokens only see their own image, whose digest
-is in the key of every block it touches). A later prompt that starts with the same blocks prefills
-only the rest. POP's KV differs from a full prefill's, so a cache belongs to one prefill runner.
+of BLOCK_TOKENS; block i is keyed by a hash chain over the request's cache salt (if any) and every
+token (and every image, by content digest) up to its end. So a key names the whole prefix before
+it, and equal keys mean equal KV: token KV is causal, and Gemma-3's bidirectional image tokens only
+see their own image, whose digest is in the key of every block it touches. A later prompt that
+starts with the same blocks prefills only the rest. POP's KV differs from a full prefill's, so a
+cache belongs to one prefill runner.
 
 Bounded in bytes, least recently used first. A hit refreshes its blocks last to first, so a
 prefix's head outlives its tail: eviction never strands a tail block whose head is gone.
