@@ -53,6 +53,12 @@ def block_keys(input_ids: torch.Tensor, images: Sequence[ImageSpan], salt: Optio
     return keys
 
 
+def shared_blocks_tokens(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Tokens at the start of a and b that are equal, in whole blocks: what b can reuse of a."""
+    n = min(len(a), len(b))
+    return int((a[:n] == b[:n]).cumprod(0).sum()) // BLOCK_TOKENS * BLOCK_TOKENS
+
+
 class PrefixCache:
     def __init__(self, max_bytes: int):
         self.max_bytes, self.bytes = max_bytes, 0

@@ -25,7 +25,7 @@ import torch
 from ray.serve.request_router import (FIFOMixin, LocalityMixin, MultiplexMixin, PendingRequest, RequestRouter,
                                       RunningReplica)
 
-from popserve.models.prefix_cache import BLOCK_TOKENS
+from popserve.models.prefix_cache import BLOCK_TOKENS, block_keys
 
 SPILL_AFTER = 4  # requests in flight beyond the least loaded replica's before a prefix moves on
 ROUTER_CLASS = "popserve.service.routing:PrefixAffinityRouter"  # how Serve's config names it
@@ -38,9 +38,7 @@ def prefix_key(pending_request: Optional[PendingRequest]) -> Optional[bytes]:
     ids = pending_request.args[0] if pending_request is not None and pending_request.args else None
     if not torch.is_tensor(ids) or ids.numel() <= BLOCK_TOKENS:
         return None
-    h = hashlib.blake2b(ids[:BLOCK_TOKENS].to(torch.int64).numpy().tobytes(), digest_size=16)
-    h.update((pending_request.kwargs.get("cache_salt") or "").encode())
-    return h.digest()
+    return block_keys(ids[:BLOCK_TOKENS], [], pending_request.kwargs.get("cache_salt"))[0]
 
 
 def rank(key: bytes, replicas: list[RunningReplica]) -> list[RunningReplica]:

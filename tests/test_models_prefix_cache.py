@@ -24,7 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from popserve.models.decoder import FullDecoder  # noqa: E402
 from popserve.models.encoder import VisionEncoder  # noqa: E402
 from popserve.models.prefill import PrefillRequest, PrunedPrefill  # noqa: E402
-from popserve.models.prefix_cache import BLOCK_TOKENS, ImageSpan, PrefixCache, block_keys  # noqa: E402
+from popserve.models.prefix_cache import (BLOCK_TOKENS, ImageSpan, PrefixCache, block_keys,  # noqa: E402
+                                          shared_blocks_tokens)
 from popserve.models.prompt import PromptBuilder  # noqa: E402
 from popserve.models.sampling import SamplingParams  # noqa: E402
 
@@ -54,10 +55,7 @@ def request(s, question, image=None, key="image-a"):
 
 def shared_blocks(a: PrefillRequest, b: PrefillRequest) -> int:
     """Tokens of b's t_1..t_{N-1} in whole blocks that a's t_1..t_{N-1} has too."""
-    pa, pb = a.input_ids[:-1], b.input_ids[:-1]
-    n = min(len(pa), len(pb))
-    same = int((pa[:n] == pb[:n]).cumprod(0).sum())
-    return same // BLOCK_TOKENS * BLOCK_TOKENS
+    return shared_blocks_tokens(a.input_ids[:-1], b.input_ids[:-1])
 
 
 def first_image_token(s, r: PrefillRequest) -> int:

@@ -99,7 +99,7 @@ def test_prompts_that_start_alike_go_to_the_replica_that_has_them_cached(lim, qw
     the first finds the whole shared start in the cache, because the prefix-affinity router sends
     them all to one replica (Serve's default picks either, and half would miss). Prompts that start
     differently still spread over both replicas."""
-    from popserve.models.prefix_cache import BLOCK_TOKENS
+    from popserve.models.prefix_cache import BLOCK_TOKENS, shared_blocks_tokens
     from popserve.models.prompt import PromptBuilder
 
     def per_replica(text, name):
@@ -110,8 +110,7 @@ def test_prompts_that_start_alike_go_to_the_replica_that_has_them_cached(lim, qw
     builder = PromptBuilder(qwen_dir)
     texts = [f"{lead}Question {i}: which ship was the oldest one?" for i in range(6)]
     ids = [builder.build([{"role": "user", "content": t}]).input_ids[:-1] for t in texts]
-    same = int((ids[0][: len(ids[1])] == ids[1][: len(ids[0])]).cumprod(0).sum())
-    shared = same // BLOCK_TOKENS * BLOCK_TOKENS
+    shared = shared_blocks_tokens(ids[0], ids[1])
     assert shared >= 2 * BLOCK_TOKENS
 
     time.sleep(3)  # earlier tests' numbers exported and collected

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from popserve.models.decoder import FullDecoder
 from popserve.models.encoder import VisionEncoder
 from popserve.models.prefill import PrefillRequest, PrunedPrefill
-from popserve.models.prefix_cache import BLOCK_TOKENS
+from popserve.models.prefix_cache import BLOCK_TOKENS, shared_blocks_tokens
 from popserve.models.prompt import PromptBuilder
 from popserve.models.sampling import SamplingParams
 
@@ -536,8 +536,7 @@ def test_prefix_cache_reuses_a_shared_start_and_answers_the_same(server, referen
     texts = [lead + "What colour is it?", lead + "Is there a line across it?"]
     builder = PromptBuilder(server.model_dir)
     a, b = (builder.build(hf_messages(t, img), img).input_ids[:-1] for t in texts)  # what prefill computes
-    same = int((a[: len(b)] == b[: len(a)]).cumprod(0).sum())
-    shared = same // BLOCK_TOKENS * BLOCK_TOKENS
+    shared = shared_blocks_tokens(a, b)
     assert shared > int((b == builder.family.image_token_id).nonzero()[-1]) + BLOCK_TOKENS  # the image too
 
     prefill = serve.get_deployment_handle("Prefill", app_name=server.app_name)
