@@ -101,6 +101,16 @@ def test_decode_layers_bench_times_both_layer_kinds_and_finds_equal_logits(tiny_
     assert all(float(r[1]) > 0 and float(r[2]) > 0 and r[4] == "yes |" for r in rows)
 
 
+def test_detokenize_bench_checks_equal_texts_and_reports_each_length(qwen_dir, tmp_path):
+    import detokenize
+
+    out = tmp_path / "detokenize.md"
+    detokenize.main(["--model", str(qwen_dir), "--lengths", "8,64", "--repeats", "1", "--out", str(out)])
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line[:3] in ("| 8", "| 6")]
+    assert [r[0] for r in rows] == ["| 8", "| 64"]
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+
+
 def test_config_ab_arms_are_validated_serve_configs():
     """bench/config_ab.py: an arm's dotted settings become nested ServeConfig overrides (JSON
     values), merged over the bench base without dropping its siblings; a misspelt one is refused."""

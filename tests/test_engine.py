@@ -93,3 +93,83 @@ def test_the_earliest_stop_string_wins_whatever_their_order(qwen_dir):
     for stops in ([word[1:], word], [word, word[1:]]):
         got = Detokenizer(tokenizer, stops).feed_message([(i, None) for i in ids])
         assert got[0::2] == (text[:text.index(word)], "stop"), (word, stops, got)
+
+
+def _byte_fallback_tokenizer():
+    """A SentencePiece-style tokenizer, as Gemma-3's and Llama's are built: byte-fallback tokens
+    <0x00>..<0xFF> for what the vocabulary lacks, '▁' for spaces, and a decoder that strips the
+    first leading space. The checkpoints' tiny tokenizers are byte-level BPE, which has neither."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in [*"abcdefghijklmnopqrstuvwxyz.,!?", "▁", "▁t", "he", "▁the", "▁a", "é", "ü"]:
+        vocab.setdefault(piece, len(vocab))
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("▁", "a")]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def _tokenizers(qwen_dir, gemma_dir):
+    return {"qwen3-vl": PromptBuilder(qwen_dir).tokenizer, "gemma3": PromptBuilder(gemma_dir).tokenizer,
+            "byte-fallback": _byte_fallback_tokenizer()}
+
+
+def _random_answers(tokenizer, n: int, length: int, seed: int):
+    """Answers a model could sample: real text, and ids drawn at random, half of them from the
+    tokens that hold one byte or part of a character (so that characters split, complete late or
+    never), with special tokens in between."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = tokenizer.get_vocab()
+    partial = [i for t, i in vocab.items() if t.startswith("<0x") or "\ufffd" in tokenizer.decode([i])]
+    every = list(vocab.values())
+    yield tokenizer.encode("the café über 漢字 🙂 the end.", add_special_tokens=False)
+    for _ in range(n):
+        picks = torch.randint(1 << 30, (length, 2), generator=g).tolist()
+        yield [(partial if a % 2 and partial else every)[b % len(partial if a % 2 and partial else every)]
+               for a, b in picks]
+
+
+def test_the_detokenizer_streams_exactly_what_decoding_the_whole_answer_gives(qwen_dir, gemma_dir):
+    """Decoding a window per token, not the whole answer, changes no text: on byte-level BPE
+    (both checkpoints' tokenizers) and on a byte-fallback tokenizer with a leading-space strip,
+    over real text and random answers full of split characters, invalid bytes and special tokens,
+    every step's text is the whole decode of the answer so far (when not held back), the stream
+    never sends what later tokens change, and the end is the whole decode."""
+    for name, tokenizer in _tokenizers(qwen_dir, gemma_dir).items():
+        for ids in _random_answers(tokenizer, n=150, length=24, seed=len(name)):
+            detok, streamed = Detokenizer(tokenizer, []), ""
+            for k, token_id in enumerate(ids, 1):
+                streamed += detok.feed(token_id)
+                whole = tokenizer.decode(ids[:k], skip_special_tokens=True)
+                if detok.text != whole:  # held back: an incomplete character or a byte run
+                    assert whole.endswith("\ufffd") or detok._in_byte_run, (name, ids[:k])
+                final = tokenizer.decode(ids, skip_special_tokens=True)
+                assert final.startswith(streamed), (name, ids, k)
+            streamed += detok.flush()
+            assert streamed == final.rstrip("\ufffd") or (streamed == final), (name, ids)
+
+
+def test_the_detokenizer_decodes_a_short_window_per_token_however_long_the_answer(qwen_dir):
+    """A 600-token answer: each token decodes a window of a few tokens (decoding the whole answer
+    per token made the Ingress's work grow with the square of the answer's length)."""
+    tokenizer = PromptBuilder(qwen_dir).tokenizer
+    ids = tokenizer.encode("the red circle is left of the blue square, and über it 漢字. " * 40,
+                           add_special_tokens=False)[:600]
+    widths = []
+
+    class Counting:  # the real tokenizer, with the length of every decode recorded
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def decode(self, some, **kw):
+            widths.append(len(some))
+            return tokenizer.decode(some, **kw)
+
+    detok = Detokenizer(Counting(), ["no such stop"])
+    text = "".join(detok.feed(i) for i in ids) + detok.flush()
+    assert text == tokenizer.decode(ids) and len(ids) == 600
+    assert max(widths) <= 8 and sum(widths) < 6 * len(ids), (max(widths), sum(widths))

@@ -1,12 +1,35 @@
 """Incremental detokenization with stop strings, at the ingress (which holds the tokenizer)."""
 from __future__ import annotations
 
+import re
+from functools import lru_cache
 from typing import Optional
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+@lru_cache(maxsize=8)
+def _token_kinds(tokenizer) -> tuple[frozenset[int], frozenset[int]]:
+    """The ids of SentencePiece byte-fallback tokens (<0x41>; Gemma-3 has them, byte-level BPE
+    like Qwen's has none), and of special tokens. A decoder joins a run of byte tokens into
+    characters, special tokens in between are skipped, and one invalid byte turns the whole run
+    into replacement characters: so text is never settled inside a run."""
+    byte_ids = frozenset(i for t, i in tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(t))
+    return byte_ids, frozenset(tokenizer.all_special_ids)
 
 
 class Detokenizer:
     """Feeds token ids, returns the new printable text. Holds back text that may still become
-    a stop string or an incomplete UTF-8 character."""
+    a stop string or an incomplete character.
+
+    Each token decodes only a short window, not the whole answer, so a token costs the same at
+    position 10 and 10,000 (decoding the whole answer per token made long answers quadratic in
+    the Ingress; docs/performance.md). The text is still exactly what decoding the whole answer
+    gives: the answer is split only at settled boundaries, where what comes later cannot change
+    the text before (a complete character, not inside a byte-fallback run), and the window starts
+    one settled boundary earlier, so that decoders which treat their first token differently (a
+    stripped leading space) see the same first token as before. Tested against whole decodes on
+    byte-level and byte-fallback tokenizers (tests/test_engine.py)."""
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer = tokenizer
@@ -15,13 +38,22 @@ class Detokenizer:
         self.text = ""  # decoded so far
         self.sent = 0  # characters already returned
         self.stopped = False
+        self._bytes, self._special = _token_kinds(tokenizer)
+        self._in_byte_run = False  # the last token that is not skipped is a byte token
+        self._latest = ""  # the whole answer's text, also while held back
+        self._settled, self._settled_text = 0, ""  # ids[:settled] decode to this, whatever follows
+        self._window, self._window_head = 0, ""  # ids[window:settled] decode to window_head
+        self._window_text = ""  # ids[window:] decoded, at the last token
 
     def feed(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more
+        self._latest = text = self._decode_answer()
+        if token_id not in self._special:
+            self._in_byte_run = token_id in self._bytes
+        if text.endswith("\ufffd") or self._in_byte_run:  # a character may be incomplete
             return ""
         self.text = text
+        self._settle()
         # The earliest stop string in the text wins, whatever their order in the request.
         found = [at for s in self.stop if (at := self.text.find(s, max(0, self.sent - len(s)))) != -1]
         if found:
@@ -43,7 +75,35 @@ class Detokenizer:
         return text, len(items), None
 
     def flush(self) -> str:
+        """The rest of the text once the answer ends. A character still incomplete then stays out,
+        as a replacement character would say nothing."""
+        if not self.stopped:
+            self.text = self._latest.rstrip("\ufffd") if len(self._latest) > len(self.text) else self.text
         return self._emit(len(self.text))
+
+    def _decode(self, ids: list[int]) -> str:
+        # No clean-up of spaces before punctuation: it would join text across a window's start
+        # (Qwen3-VL's and Gemma-3's tokenizers have it off anyway).
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _decode_answer(self) -> str:
+        self._window_text = window = self._decode(self.ids[self._window:])
+        if window.startswith(self._window_head):
+            return self._settled_text + window[len(self._window_head):]
+        # A decoder whose window does not start as before: decode the whole answer from now on.
+        self._window = self._settled = 0
+        self._settled_text = self._window_head = ""
+        self._window_text = text = self._decode(self.ids)
+        return text
+
+    def _settle(self) -> None:
+        """self.text (complete, not in a byte run) is the answer's text for good: split here."""
+        head = self._decode(self.ids[self._settled:])
+        if head:  # the next window starts at the last boundary
+            self._window, self._window_head = self._settled, head
+        else:  # nothing there for a decoder to treat as first (a special token, a stripped space):
+            self._window_head = self._window_text  # keep the window's start, now ending here
+        self._settled, self._settled_text = len(self.ids), self.text
 
     def _emit(self, upto: int) -> str:
         out = self.text[self.sent:upto]
