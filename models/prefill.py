@@ -75,6 +75,15 @@ class PrunedPrefill:
     def cache_stats(self) -> dict:
         return (self.cache or PrefixCache(0)).stats()
 
+    def cached_tokens(self, request: PrefillRequest) -> int:
+        """How many of the prompt's tokens the prefix cache holds now (a peek: no hit counted,
+        nothing refreshed): what a prefill of it would not compute."""
+        if not self.cache:
+            return 0
+        prompt = request.input_ids[:-1]
+        keys = block_keys(prompt, self._image_spans(request, prompt), request.cache_salt)
+        return self.cache.peek(keys, prompt.numel())
+
     @torch.inference_mode()
     def prefill(self, requests: list[PrefillRequest]) -> list[KVHandoff]:
         """Several prompts in one right-padded batch."""

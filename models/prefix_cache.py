@@ -69,18 +69,26 @@ class PrefixCache:
         """The longest cached run of leading blocks, at most `limit` tokens: (tokens, KV
         [L, 2, kv_heads, tokens, head_dim] or None)."""
         self.queried_tokens += limit
-        hit = []
-        for key in keys[: limit // BLOCK_TOKENS]:
-            kv = self.blocks.get(key)
-            if kv is None:
-                break
-            hit.append((key, kv))
+        hit = self._leading(keys, limit)
         for key, _ in reversed(hit):
             self.blocks.move_to_end(key)
         if not hit:
             return 0, None
         self.hit_tokens += len(hit) * BLOCK_TOKENS
         return len(hit) * BLOCK_TOKENS, torch.cat([kv for _, kv in hit], dim=3)
+
+    def peek(self, keys: list[bytes], limit: int) -> int:
+        """How many tokens lookup would find now; counts no hit and refreshes nothing."""
+        return len(self._leading(keys, limit)) * BLOCK_TOKENS
+
+    def _leading(self, keys: list[bytes], limit: int) -> list[tuple[bytes, torch.Tensor]]:
+        hit = []
+        for key in keys[: limit // BLOCK_TOKENS]:
+            kv = self.blocks.get(key)
+            if kv is None:
+                break
+            hit.append((key, kv))
+        return hit
 
     def insert(self, keys: list[bytes], kv: torch.Tensor) -> None:
         """Keep the blocks of kv [L, 2, kv_heads, T, head_dim] that keys name (the first

@@ -97,7 +97,11 @@ def test_hits_misses_and_a_fully_cached_prompt_batch_together(stack):
     s.cached.prefill([whole])
     batch = [request(s, "Something new entirely, with no picture at all", None, None),
              request(s, "Tell me about the garden behind the house, at length.", IMAGE), whole]
+    stats = s.cached.cache.stats()
+    peeked = [s.cached.cached_tokens(r) for r in batch]  # what the stage's batch budget sees
+    assert s.cached.cache.stats() == stats  # a peek counts no hit and changes nothing
     got = s.cached.prefill(batch)
+    assert peeked == [h.cached_tokens for h in got]
     assert got[0].cached_tokens == shared_blocks(seen, batch[0])  # the system prompt only
     assert got[1].cached_tokens == shared_blocks(seen, batch[1]) > got[0].cached_tokens
     assert got[2].cached_tokens == got[2].num_tokens  # nothing left to compute

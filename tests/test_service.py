@@ -524,6 +524,35 @@ def test_prefill_batches_are_limited_by_prompt_tokens(servers):
     assert 0 < stats["largest_batch_tokens"] <= budget
 
 
+def test_cached_tokens_do_not_count_against_the_prefill_batch_budget(servers):
+    """Prompts of ~237 tokens that share a cached 192-token start are each budgeted at the tokens
+    they compute, so a burst of 8 runs in a few batches of several prompts; counted whole, each
+    would fill the 256-token budget alone and take a batch of its own."""
+    from ray import serve
+
+    server = servers["qwen3-vl"]
+    builder = PromptBuilder(server.model_dir)
+    lead = "Budget test: the ledger of the northern harbour lists ships, cargo and crews. " * 5
+    questions = ["Which ship came first?", "Who owns the red boat?", "How much grain was sold?",
+                 "Where do crews sleep?", "What did the captain say?", "Why was the cargo late?",
+                 "When does the tide turn?", "Which crew is largest?", "Is the harbour open today?"]
+    prompts = [builder.build([{"role": "user", "content": lead + q}]) for q in questions]
+    shared = min(shared_blocks_tokens(prompts[0].input_ids[:-1], p.input_ids[:-1]) for p in prompts[1:])
+    assert shared >= 6 * BLOCK_TOKENS and all(2 * (p.num_tokens - shared) < 256 < 2 * p.num_tokens for p in prompts)
+    prefill = serve.get_deployment_handle("Prefill", app_name=server.app_name)
+    prefill.prefill.remote(prompts[0].input_ids, None, None).result()  # the shared start, cached
+    before = prefill.stats.remote().result()
+
+    async def burst():
+        return await asyncio.gather(*(prefill.prefill.remote(p.input_ids, None, None) for p in prompts[1:]))
+
+    handoffs = asyncio.run(burst())
+    assert all(h.cached_tokens >= shared for h in handoffs)
+    stats = prefill.stats.remote().result()
+    assert stats["prompts"] - before["prompts"] == 8
+    assert stats["batches"] - before["batches"] <= 4  # counted whole: 8 batches
+
+
 def test_prefix_cache_reuses_a_shared_start_and_answers_the_same(server, references):
     """Two questions about one image after the same long lead-in: the second prompt's shared whole
     blocks come from the Prefill replica's prefix cache (its hits grow by exactly them, its computed

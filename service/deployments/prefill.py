@@ -59,9 +59,11 @@ class PrefillStage:
                              f"{sum(f.num_tokens for f in features)} features", code="image_token_mismatch")
         self.in_flight += 1
         try:
-            # A prompt longer than the budget counts as the whole budget: it runs alone.
-            tokens = min(input_ids.numel(), self.cfg.prefill_batch_tokens)
-            handoff = await self._batched(tokens, PrefillRequest(input_ids, mm_token_type_ids, features, cache_salt))
+            request = PrefillRequest(input_ids, mm_token_type_ids, features, cache_salt)
+            # A prompt counts the tokens it will compute, not those the prefix cache holds; one
+            # longer than the budget counts as the whole budget: it runs alone.
+            tokens = max(1, input_ids.numel() - self.runner.cached_tokens(request))
+            handoff = await self._batched(min(tokens, self.cfg.prefill_batch_tokens), request)
             return await send(handoff, deliver_to if self.cfg.gpu_handoff == "cuda_ipc" else None)
         finally:
             self.in_flight -= 1
