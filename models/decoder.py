@@ -30,7 +30,7 @@ from .kv import KVHandoff, pop_fingerprint
 from .loading import fast_cpu_linears, load_checkpoint, param_bytes, release
 from .masks import decode_masks
 from .pop import skipped_layer_count
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, TokenLogprobs, sample
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class StepOutput:
     seq_id: int
     token: int
     finish_reason: Optional[str]  # None while running; "stop" or "length" when done
+    logprobs: Optional[TokenLogprobs] = None  # when the sequence's params ask for them
 
 
 class _SlotCache:
@@ -234,10 +235,11 @@ class FullDecoder:
         if not self.running:
             return []
         seqs = self.running
-        chosen = sample(self.next_logits(), [s.params for s in seqs], [s.generator for s in seqs])
+        chosen, logprobs = sample(self.next_logits(), [s.params for s in seqs], [s.generator for s in seqs],
+                                  [s.generated for s in seqs])
 
         outputs, done = [], []
-        for seq, tok in zip(seqs, chosen):
+        for seq, tok, lp in zip(seqs, chosen, logprobs):
             seq.length += 1
             seq.generated.append(tok)
             seq.next_token = tok
@@ -246,7 +248,7 @@ class FullDecoder:
                 reason = "stop"
             elif len(seq.generated) >= seq.params.max_new_tokens:
                 reason = "length"
-            outputs.append(StepOutput(seq.seq_id, tok, reason))
+            outputs.append(StepOutput(seq.seq_id, tok, reason, lp))
             if reason:
                 done.append(seq.seq_id)
         for seq_id in done:

@@ -15,6 +15,12 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     seed: Optional[int] = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # OpenAI's: subtracted from a token's logit once it was generated (presence) and per time
+    # (frequency), so that answers repeat themselves less; the prompt's tokens are not counted.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    logprobs: Optional[int] = None  # None: off; N: the chosen token's log-probability and the N likeliest
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -25,6 +31,16 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
+            raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
+        if any(not -100 <= b <= 100 for b in self.logit_bias.values()):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError("logprobs must be in [0, 20]")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
     @property
     def greedy(self) -> bool:
@@ -41,8 +57,22 @@ class SamplingParams:
         return g
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
-    """logits [B, V] (float32) -> one token id per row."""
+@dataclass(frozen=True)
+class TokenLogprobs:
+    logprob: float  # of the chosen token
+    top: tuple[tuple[int, float], ...]  # (token id, log-probability), likeliest first
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
+           generated: Optional[list[list[int]]] = None) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
+    """logits [B, V] (float32) -> one token id per row, and per row its log-probabilities when
+    asked for. `generated`: each row's tokens so far, for the penalties.
+
+    Log-probabilities are the model's own distribution (log-softmax of its logits, before bias,
+    penalties, temperature, top-k and top-p), as vLLM returns them by default."""
+    want = [row for row, p in enumerate(params) if p.logprobs is not None]
+    logp = torch.log_softmax(logits[want].float(), -1).cpu() if want else None
+    logits = adjust_logits(logits, params, generated or [[] for _ in params])
     out = logits.argmax(-1).tolist()
     for row, (p, gen) in enumerate(zip(params, generators)):
         if p.greedy:
@@ -58,4 +88,25 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list)
             x = x.scatter(0, idx[drop], float("-inf"))
         probs = torch.softmax(x, -1)
         out[row] = int(torch.multinomial(probs, 1, generator=gen).item())
-    return out
+    logprobs: list[Optional[TokenLogprobs]] = [None] * len(params)
+    for i, row in enumerate(want):
+        values, ids = torch.topk(logp[i], params[row].logprobs)
+        logprobs[row] = TokenLogprobs(float(logp[i, out[row]]), tuple(zip(ids.tolist(), values.tolist())))
+    return out, logprobs
+
+
+def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], generated: list[list[int]]) -> torch.Tensor:
+    """Logit bias and presence / frequency penalties, on a copy, for the rows that ask for them."""
+    rows = [row for row, p in enumerate(params) if p.adjusts_logits]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for row in rows:
+        p, x = params[row], logits[row]
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=x.device)
+            x.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=x.dtype, device=x.device))
+        if generated[row] and (p.presence_penalty or p.frequency_penalty):
+            counts = torch.bincount(torch.tensor(generated[row], device=x.device), minlength=x.numel())[: x.numel()]
+            x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    return logits

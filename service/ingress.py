@@ -27,13 +27,15 @@ from popserve.models.prompt import Prompt, PromptBuilder
 
 from .config import ServeConfig
 from .deployments.common import replica_info, setup_replica
-from .engine.detokenize import Detokenizer
+from .engine.detokenize import Detokenizer, TokenPieces
+from .engine.scheduler import TokenEvent
 from .errors import (BadRequest, NotFound, PayloadTooLarge, ServeError, StageFailed, Unauthorized, from_exception,
                      retry_replica_failures)
 from .media import load_image
 from .metrics import IngressMetrics, node_metrics_url, scrape_node
-from .protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChunkChoice, Delta,
-                       ModelCard, ModelList, ResponseMessage, Usage, describe, unsupported_parameter)
+from .protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice, ChoiceLogprobs, ChunkChoice,
+                       Delta, ModelCard, ModelList, ResponseMessage, TokenLogprob, TopLogprob, Usage, describe,
+                       unsupported_parameter)
 
 logger = logging.getLogger("ray.serve")
 app = FastAPI(title="popserve", description="OpenAI-compatible chat completions with POP prefill")
@@ -123,9 +125,9 @@ def _healthy_in_serve(stages: dict) -> set[str]:
     return {name for name, d in deployments.items() if d is not None and d.status in up}
 
 
-def _cached_tokens(items: list[tuple], known: int) -> int:
+def _cached_tokens(items: list[TokenEvent], known: int) -> int:
     """Decode's first token also carries how many prompt tokens the prefill's cache supplied."""
-    return items[0][2] if len(items[0]) > 2 else known
+    return known if items[0].cached_tokens is None else items[0].cached_tokens
 
 
 def _request_id() -> str:
@@ -146,6 +148,7 @@ class Ingress:
         setup_replica(self.cfg, self.cfg.ingress)  # torch threads (the image processor) and nice
         self.encoder, self.prefill, self.prefill_full, self.decode = encoder, prefill, prefill_full, decode
         self.builder = PromptBuilder(self.cfg.model)
+        self.pieces = TokenPieces(self.builder.tokenizer)
         self.model_name = self.cfg.model_name()
         text_cfg = self.builder.family.text_config
         self.max_context = min(self.cfg.engine.max_seq_len, text_cfg.max_position_embeddings)
@@ -342,9 +345,26 @@ class Ingress:
             raise BadRequest(f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds the context length "
                              f"{self.max_context}", param="max_tokens", code="context_length_exceeded")
         temperature = req.temperature if req.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0  # documented
+        bias = {int(k): v for k, v in req.logit_bias.items()}
+        if bias and max(bias) >= len(self.builder.tokenizer):
+            raise BadRequest(f"logit_bias names token {max(bias)}; the vocabulary has {len(self.builder.tokenizer)}",
+                             param="logit_bias", code="invalid_value")
         params = {"max_new_tokens": max_tokens, "temperature": temperature, "top_p": req.top_p,
-                  "top_k": req.top_k, "seed": req.seed}
+                  "top_k": req.top_k, "seed": req.seed, "presence_penalty": req.presence_penalty,
+                  "frequency_penalty": req.frequency_penalty, "logit_bias": bias,
+                  "logprobs": (req.top_logprobs or 0) if req.logprobs else None}
         return {"prompt": prompt, "digests": [i.digest for i in images], "params": params}
+
+    def _logprobs(self, items: list[TokenEvent]) -> list[TokenLogprob]:
+        """OpenAI's logprobs entries of these tokens (none when the request did not ask)."""
+        out = []
+        for event in items:
+            if event.logprobs is None:
+                return []
+            text, raw = self.pieces(event.token_id)
+            top = [TopLogprob(token=t, bytes=b, logprob=lp) for i, lp in event.logprobs.top for t, b in [self.pieces(i)]]
+            out.append(TokenLogprob(token=text, bytes=raw, logprob=event.logprobs.logprob, top_logprobs=top))
+        return out
 
     def _prompt_limit(self) -> str:
         if self.max_prompt < self.max_context - 1:
@@ -429,12 +449,13 @@ class Ingress:
 
     async def _complete(self, req, prepared, tokens, rid, t0) -> JSONResponse:
         detok = Detokenizer(self.builder.tokenizer, req.stop)
-        reason, count, cached = None, 0, 0
+        reason, count, cached, logprobs = None, 0, 0, []
         try:
             async for items in tokens:
                 cached = _cached_tokens(items, cached)
                 _, used, reason = detok.feed_message(items)  # the text accumulates in detok.text
                 count += used
+                logprobs += self._logprobs(items[:used])
                 if reason:
                     break
         finally:  # also when the client went away (the task is cancelled): frees the decode slot
@@ -443,7 +464,8 @@ class Ingress:
         self._finish_metrics(prepared, count, t0)
         body = ChatCompletion(
             id=f"chatcmpl-{rid}", created=int(time.time()), model=self.model_name,
-            choices=[Choice(message=ResponseMessage(content=detok.text), finish_reason=reason or "length")],
+            choices=[Choice(message=ResponseMessage(content=detok.text), finish_reason=reason or "length",
+                            logprobs=ChoiceLogprobs(content=logprobs) if req.logprobs else None)],
             usage=Usage.of(n, count, cached),
         )
         return JSONResponse(body.model_dump())
@@ -451,9 +473,10 @@ class Ingress:
     async def _sse(self, req, prepared, tokens, rid, t0) -> AsyncIterator[str]:
         created, cid = int(time.time()), f"chatcmpl-{rid}"
 
-        def chunk(delta: Delta, reason=None, usage=None, choices=True) -> str:
+        def chunk(delta: Delta, reason=None, usage=None, choices=True, logprobs=None) -> str:
+            choice = ChunkChoice(delta=delta, finish_reason=reason, logprobs=logprobs)
             c = ChatCompletionChunk(id=cid, created=created, model=self.model_name, usage=usage,
-                                    choices=[ChunkChoice(delta=delta, finish_reason=reason)] if choices else [])
+                                    choices=[choice] if choices else [])
             return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
 
         detok = Detokenizer(self.builder.tokenizer, req.stop)
@@ -466,8 +489,9 @@ class Ingress:
                 # Serve's proxy and a write to the socket (docs/performance.md).
                 text, used, reason = detok.feed_message(items)
                 count += used
-                if text:
-                    yield chunk(Delta(content=text))
+                logprobs = self._logprobs(items[:used])
+                if text or logprobs:  # a token whose text is held back still has its logprob
+                    yield chunk(Delta(content=text), logprobs=ChoiceLogprobs(content=logprobs) if logprobs else None)
                 if reason:
                     break
         except ServeError as exc:  # mid-stream failure: an error event, and no [DONE]

@@ -6,6 +6,9 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+MAX_LOGIT_BIAS = 300  # entries in one request
+
+
 class ImageURL(BaseModel):
     url: str
     detail: Optional[Literal["auto", "low", "high"]] = None
@@ -52,11 +55,9 @@ class StreamOptions(BaseModel):
 
 # OpenAI parameters this server does not implement, with the values that ask for nothing: a
 # request that sets one to anything else is refused rather than answered without it.
-UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []),
-               "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-               "response_format": (None, {"type": "text"}), "presence_penalty": (None, 0),
-               "frequency_penalty": (None, 0),
-               "logit_bias": (None, {}), "prediction": (None,), "audio": (None,), "modalities": (None, ["text"])}
+UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+               "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+               "prediction": (None,), "audio": (None,), "modalities": (None, ["text"])}
 
 
 def unsupported_parameter(data: dict) -> Optional[str]:
@@ -94,6 +95,11 @@ class ChatCompletionRequest(BaseModel):
     # vLLM's extension: prompts reuse cached KV only from prompts with the same salt, so that one
     # tenant cannot time another's prompts (docs/reliability.md).
     cache_salt: Optional[str] = Field(None, min_length=1, max_length=256)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS)  # token id -> bias
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
 
     @model_validator(mode="before")
     @classmethod
@@ -118,6 +124,22 @@ class ChatCompletionRequest(BaseModel):
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty")
         return stops
+
+    @field_validator("logit_bias", mode="after")
+    @classmethod
+    def _token_ids_and_biases(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, bias in v.items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"logit_bias keys must be token ids, not {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], not {bias}")
+        return v
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     @model_validator(mode="after")
     def _has_user_content(self):
@@ -150,10 +172,25 @@ class ResponseMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
 class Choice(BaseModel):
     index: int = 0
     message: ResponseMessage
     finish_reason: Optional[Literal["stop", "length"]]
+    logprobs: Optional[ChoiceLogprobs] = None
 
 
 class ChatCompletion(BaseModel):
@@ -174,6 +211,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: Optional[Literal["stop", "length"]] = None
+    logprobs: Optional[ChoiceLogprobs] = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -119,6 +119,21 @@ def test_streaming_equals_the_greedy_answer(client, popserve_model_name, image_p
     assert all(d.request_id == stream.request_id for d in deltas)
 
 
+def test_logprobs_arrive_typed_whole_and_streamed(client, popserve_model_name, image_path):
+    """Asked for through extra=, logprobs come back as typed objects: one entry per generated token
+    with its top alternatives, the same entries streamed (spread over the deltas) as whole."""
+    ask = dict(prompt=QUESTION, images=[image_path], model=popserve_model_name, max_tokens=8, temperature=0.0,
+               extra={"logprobs": True, "top_logprobs": 3})
+    full = client.chat(**ask)
+    entries = full.choices[0].logprobs.content
+    assert len(entries) == full.usage.completion_tokens
+    assert all(len(e.top_logprobs) == 3 and e.logprob <= 0 and e.bytes is not None for e in entries)
+    with client.chat_stream(**ask) as stream:
+        streamed = [e for d in stream for e in d.logprobs]
+    assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in entries]
+    assert client.chat(**{**ask, "extra": None}).choices[0].logprobs is None
+
+
 async def test_twenty_concurrent_async_requests(popserve_url, popserve_model_name, image_path):
     async def one(client: AsyncClient, i: int):
         max_tokens = 3 + i % 5

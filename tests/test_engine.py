@@ -36,10 +36,12 @@ def test_stream_interval_groups_the_tokens_after_the_first(stage_pair, interval,
     want = decoder.generate([handoff], SamplingParams(max_new_tokens=NEW_TOKENS))[0]
     messages = asyncio.run(_messages(DecodeScheduler(decoder, (), max_waiting=4, stream_interval=interval), handoff))
     assert [len(m) for m in messages] == sizes
-    assert [tok for m in messages for tok, *_ in m] == want
-    assert [fin for m in messages for _, fin, *_ in m] == [None] * (NEW_TOKENS - 1) + ["length"]
-    tuples = [t for m in messages for t in m]  # the first also says how many prompt tokens were cached
-    assert tuples[0][2] == 0 and [len(t) for t in tuples] == [3] + [2] * (NEW_TOKENS - 1)
+    events = [e for m in messages for e in m]
+    assert [e.token_id for e in events] == want
+    assert [e.finish_reason for e in events] == [None] * (NEW_TOKENS - 1) + ["length"]
+    # the first also says how many prompt tokens were cached; no logprobs were asked for
+    assert [e.cached_tokens for e in events] == [0] + [None] * (NEW_TOKENS - 1)
+    assert all(e.logprobs is None for e in events)
     assert decoder.num_running == 0
 
 

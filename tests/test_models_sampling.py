@@ -2,7 +2,9 @@
 
 Seeded sampling is reproducible (alone or batched with others) and differs from greedy; stop tokens
 end a sequence with "stop", the token budget with "length"; removing a sequence frees its slot and
-KV, and the sequences left behind keep decoding exactly as they would alone.
+KV, and the sequences left behind keep decoding exactly as they would alone. Logprobs are the
+model's own distribution; logit bias and presence / frequency penalties follow OpenAI's
+definitions, per sequence of a batch.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from popserve.models.decoder import DecoderFull, FullDecoder  # noqa: E402
 from popserve.models.prefill import PrefillRequest, PrunedPrefill  # noqa: E402
 from popserve.models.prompt import PromptBuilder  # noqa: E402
-from popserve.models.sampling import SamplingParams, sample  # noqa: E402
+from popserve.models.sampling import SamplingParams, adjust_logits, sample  # noqa: E402
 
 SEEDED = dict(temperature=0.8, top_p=0.9, top_k=20, seed=7)
 PROMPTS = [
@@ -141,14 +143,14 @@ def test_sample_respects_top_k_and_top_p():
 
     def draws(p, n=300):
         gen = p.generator()
-        return {sample(logits, [p], [gen])[0] for _ in range(n)}
+        return {sample(logits, [p], [gen])[0][0] for _ in range(n)}
 
     assert draws(SamplingParams(temperature=1.0, top_k=1, seed=0)) == {0}
     assert draws(SamplingParams(temperature=1.0, top_k=3, seed=0)) == {0, 1, 2}
     # softmax([4,3,2,...]) = .64, .23, .09, ...: top_p 0.5 keeps only token 0, 0.8 tokens 0 and 1.
     assert draws(SamplingParams(temperature=1.0, top_p=0.5, seed=0)) == {0}
     assert draws(SamplingParams(temperature=1.0, top_p=0.8, seed=0)) == {0, 1}
-    assert sample(logits, [SamplingParams()], [None]) == [0]  # greedy
+    assert sample(logits, [SamplingParams()], [None]) == ([0], [None])  # greedy, no logprobs asked
 
 
 def test_unseeded_sampling_leaves_global_rng_alone():
@@ -164,6 +166,67 @@ def test_unseeded_sampling_leaves_global_rng_alone():
 
 
 def test_sampling_params_validation():
-    for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1)):
+    for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
+                dict(presence_penalty=2.1), dict(frequency_penalty=-2.5), dict(logit_bias={3: 101}),
+                dict(logprobs=21), dict(logprobs=-1)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+def test_logprobs_are_the_models_own_distribution_likeliest_first():
+    """The chosen token's log-probability and the N likeliest, from the logits before bias,
+    penalties and temperature (vLLM's default); rows that do not ask get None."""
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0], [0.0, 5.0, 1.0, 0.0]])
+    params = [SamplingParams(logprobs=3, logit_bias={3: 100}), SamplingParams()]
+    tokens, logprobs = sample(logits, params, [None, None])
+    want = torch.log_softmax(logits[0], -1)
+    assert tokens == [3, 1] and logprobs[1] is None
+    assert logprobs[0].logprob == pytest.approx(float(want[3]))  # the biased choice, at its own probability
+    assert [i for i, _ in logprobs[0].top] == [0, 1, 2]
+    assert [lp for _, lp in logprobs[0].top] == pytest.approx(want[:3].tolist())
+    assert sample(logits, [SamplingParams(logprobs=0)] * 2, [None, None])[1][0].top == ()
+
+
+def test_penalties_count_the_generated_tokens():
+    """OpenAI's definitions: logit - frequency_penalty * count - presence_penalty * (count > 0),
+    over the tokens generated so far; a row that asks for nothing is left as it is (no copy)."""
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.0]])
+    generated = [[0, 0, 0, 2]]
+    for params, want in ((SamplingParams(frequency_penalty=0.5), [0.5, 1.5, 0.5, 0.0]),
+                         (SamplingParams(presence_penalty=0.5), [1.5, 1.5, 0.5, 0.0]),
+                         (SamplingParams(presence_penalty=0.25, frequency_penalty=-0.5, logit_bias={3: 2.5}),
+                          [3.25, 1.5, 1.25, 2.5])):
+        assert adjust_logits(logits, [params], generated)[0].tolist() == pytest.approx(want)
+    assert adjust_logits(logits, [SamplingParams()], generated) is logits
+    assert logits[0].tolist() == [2.0, 1.5, 1.0, 0.0]  # the step's logits are not modified
+    greedy = SamplingParams(frequency_penalty=0.5)
+    assert sample(logits, [greedy], [None], generated)[0] == [1]  # token 0 fell below token 1
+    assert sample(logits, [greedy], [None], [[]])[0] == [0]  # nothing generated yet, nothing to count
+
+
+def test_a_decoder_applies_bias_and_penalties_per_sequence(stack):
+    """A real batch of three: one sequence forced to one token by logit_bias, one greedy with
+    strong penalties, one plain greedy. Each penalised step's choice is the best of the model's
+    20 likeliest tokens after the penalties of the tokens before it (its logprobs say which they
+    were), and the plain sequence decodes exactly as it does alone."""
+    dec, handoffs = stack.dec, stack.handoffs()
+    alone = dec.generate([handoffs[2]], SamplingParams(max_new_tokens=12))[0]
+    forced = SamplingParams(max_new_tokens=12, logit_bias={150: 100.0})
+    penalised = SamplingParams(max_new_tokens=12, frequency_penalty=1.5, presence_penalty=0.5, logprobs=20)
+    ids = [dec.add(h, p) for h, p in zip(handoffs, [forced, penalised, SamplingParams(max_new_tokens=12)])]
+    steps: dict[int, list] = {i: [] for i in ids}
+    while dec.num_running:
+        for out in dec.step():
+            steps[out.seq_id].append(out)
+    assert [o.token for o in steps[ids[0]]] == [150] * 12
+    assert [o.token for o in steps[ids[2]]] == alone
+    before, checked = [], 0
+    for out in steps[ids[1]]:
+        top = dict(out.logprobs.top)
+        adjusted = {t: lp - 1.5 * before.count(t) - 0.5 * (t in before) for t, lp in top.items()}
+        best = max(adjusted, key=adjusted.get)
+        if adjusted[best] >= min(top.values()):  # no token outside the 20 can beat it
+            assert out.token == best and out.logprobs.logprob == pytest.approx(top[best])
+            checked += 1
+        before.append(out.token)
+    assert checked >= 10 and len(set(before)) > 1

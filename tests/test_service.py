@@ -468,6 +468,46 @@ def test_openai_client_with_image(servers):
     assert [m.id for m in models.data] == [server.model_name]
 
 
+def test_logprobs_logit_bias_and_penalties_through_the_openai_client(server):
+    """OpenAI's logprobs, top_logprobs, logit_bias and penalties, read by the real `openai` package:
+    one entry per generated token, its bytes being the answer's; streamed and whole alike; each
+    choice the best of the returned 20 likeliest after bias and penalties; a biased token forced."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
+    tokenizer = PromptBuilder(server.model_dir).tokenizer
+    msgs = openai_messages("Name the colours of the evening sky", [png((200, 90, 40))])
+    ask = dict(model=server.model_name, messages=msgs, max_tokens=10, temperature=0, logprobs=True, top_logprobs=20,
+               frequency_penalty=1.0, presence_penalty=0.5)
+    whole = client.chat.completions.create(**ask)
+    entries = whole.choices[0].logprobs.content
+    assert len(entries) == whole.usage.completion_tokens
+    text = b"".join(bytes(e.bytes) for e in entries).decode("utf-8", errors="replace")
+    if whole.choices[0].finish_reason == "stop":  # the end-of-turn token is listed, not part of the text
+        text = text.removesuffix(entries[-1].token)
+    assert text == whole.choices[0].message.content
+    seen: list[str] = []
+    for e in entries:
+        top = {t.token: t.logprob for t in e.top_logprobs}
+        assert len(e.top_logprobs) == 20 and list(top.values()) == sorted(top.values(), reverse=True)
+        adjusted = {t: lp - 1.0 * seen.count(t) - 0.5 * (t in seen) for t, lp in top.items()}
+        best = max(adjusted, key=adjusted.get)
+        if adjusted[best] >= min(top.values()):
+            assert e.token == best and e.logprob == pytest.approx(top[best], abs=1e-4)
+        seen.append(e.token)
+    streamed = [c.choices[0].logprobs.content for c in client.chat.completions.create(**ask, stream=True)
+                if c.choices and c.choices[0].logprobs]
+    assert [(e.token, e.bytes) for chunk in streamed for e in chunk] == [(e.token, e.bytes) for e in entries]
+    assert [e.logprob for chunk in streamed for e in chunk] == pytest.approx([e.logprob for e in entries], abs=1e-4)
+
+    token = tokenizer.encode(" sky", add_special_tokens=False)[-1]
+    forced = client.chat.completions.create(model=server.model_name, messages=msgs, max_tokens=5, temperature=0.7,
+                                            logit_bias={str(token): 100})
+    assert forced.choices[0].message.content == tokenizer.decode([token] * 5)
+    plain = client.chat.completions.create(model=server.model_name, messages=msgs, max_tokens=5, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
 def _question(i: int) -> str:
     """The i-th of 16 text prompts of growing length (about 1300 tokens together)."""
     return " ".join(["word"] * (3 + 7 * i)) + f" question {i}"
@@ -506,7 +546,8 @@ def test_prefill_batches_are_limited_by_prompt_tokens(servers):
 
     server = servers["qwen3-vl"]
     builder = PromptBuilder(server.model_dir)
-    prompts = [builder.build([{"role": "user", "content": _question(i)}]) for i in range(16)]
+    # their own words first: test_concurrent_requests_match_solo put _question(i) in the prefix cache
+    prompts = [builder.build([{"role": "user", "content": f"Budget burst {i}. " + _question(i)}]) for i in range(16)]
     tokens = sum(p.num_tokens for p in prompts)
     prefill = serve.get_deployment_handle("Prefill", app_name=server.app_name)
     before = prefill.stats.remote().result()

@@ -109,3 +109,32 @@ class Detokenizer:
         out = self.text[self.sent:upto]
         self.sent = max(self.sent, upto)
         return out
+
+
+class TokenPieces:
+    """Each token's own text and bytes, for logprobs (OpenAI's `token` and `bytes`). A token that
+    holds part of a character has its own bytes, and a replacement character for its text."""
+
+    def __init__(self, tokenizer):
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        self.tokenizer = tokenizer
+        self._bytes, self._special = _token_kinds(tokenizer)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        byte_level = backend is not None and "ByteLevel" in str(backend.decoder.__getstate__())
+        self._byte_decoder = {c: b for b, c in bytes_to_unicode().items()} if byte_level else None
+        self._piece = lru_cache(maxsize=1 << 16)(self._compute)  # bounded: vocabularies reach 262k
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        text, raw = self._piece(token_id)
+        return text, list(raw)
+
+    def _compute(self, token_id: int) -> tuple[str, bytes]:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id) or ""
+        if token_id in self._bytes:  # <0xE2>
+            raw = bytes([int(piece[3:5], 16)])
+        elif token_id not in self._special and self._byte_decoder and all(c in self._byte_decoder for c in piece):
+            raw = bytes(self._byte_decoder[c] for c in piece)  # GPT-2's byte alphabet: 'Ġ' is a space
+        else:  # special tokens as written; SentencePiece pieces with '▁' for a space
+            raw = (piece if token_id in self._special else piece.replace("▁", " ")).encode()
+        return raw.decode("utf-8", errors="replace"), raw

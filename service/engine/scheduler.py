@@ -12,13 +12,21 @@ import collections
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Optional, Union
+from typing import AsyncIterator, Awaitable, NamedTuple, Optional, Union
 
 from popserve.models.decoder import FullDecoder
 from popserve.models.kv import HandoffMismatch, KVHandoff
-from popserve.models.sampling import SamplingParams
+from popserve.models.sampling import SamplingParams, TokenLogprobs
 
 from ..errors import BadRequest, Overloaded, ServeError
+
+
+class TokenEvent(NamedTuple):
+    """One generated token, as decode streams it to the Ingress."""
+    token_id: int
+    finish_reason: Optional[str]  # None while running
+    cached_tokens: Optional[int] = None  # the first token's only: prompt tokens from the prefix cache
+    logprobs: Optional[TokenLogprobs] = None  # when the request asked for them
 
 
 @dataclass
@@ -53,10 +61,10 @@ class DecodeScheduler:
     # ---- API for the deployment ------------------------------------------------------------
     async def generate(self, handoff: Union[KVHandoff, Awaitable[KVHandoff]],
                        params: SamplingParams) -> AsyncIterator[list]:
-        """Yields lists of (token_id, finish_reason) as steps produce them: the first list as soon
-        as there is a token (TTFT), then lists of at least stream_interval tokens (fewer only at
-        the end), longer when the caller reads slower than the steps come. The first token's tuple
-        has a third element: how many prompt tokens the prefill took from its prefix cache.
+        """Yields lists of TokenEvents as steps produce them: the first list as soon as there is
+        a token (TTFT), then lists of at least stream_interval tokens (fewer only at the end),
+        longer when the caller reads slower than the steps come. The first token's event also says
+        how many prompt tokens the prefill took from its prefix cache.
 
         `handoff` may still be coming (an awaitable: the prefill this replica asked for). The
         queue bound is checked first, so a full decode turns a request away before any prefill
@@ -101,10 +109,10 @@ class DecodeScheduler:
                     if isinstance(item, BaseException):
                         raise item
                     items.append(item)
-                    finished = item[1] is not None
+                    finished = item.finish_reason is not None
                 want = self.stream_interval
                 if first:
-                    items[0], first = (*items[0], cached), False
+                    items[0], first = items[0]._replace(cached_tokens=cached), False
                 yield items
         finally:
             if not finished:  # client went away or an error: free the slot at the next step
@@ -181,7 +189,7 @@ class DecodeScheduler:
                 if req is None:
                     continue
                 self.tokens_out += 1
-                req.out.put_nowait((out.token, out.finish_reason))
+                req.out.put_nowait(TokenEvent(out.token, out.finish_reason, logprobs=out.logprobs))
                 if out.finish_reason:
                     del self.active[out.seq_id]
             await asyncio.sleep(0)  # let arrivals and cancellations in between steps

@@ -55,6 +55,7 @@ class StreamState:
         if choice is None and chunk.usage is None:
             return None
         text = (choice.delta.content or "") if choice else ""
+        logprobs = (choice.logprobs.content or []) if choice and choice.logprobs else []
         self.parts.append(text)
         if choice and choice.finish_reason:
             self.finish_reason = choice.finish_reason
@@ -63,6 +64,7 @@ class StreamState:
             role=choice.delta.role if choice else None,
             finish_reason=choice.finish_reason if choice else None,
             usage=chunk.usage,
+            logprobs=logprobs,
             index=choice.index if choice else 0,
             id=self.id,
             request_id=self.request_id,

@@ -26,10 +26,27 @@ class ChatMessage(_Model):
     content: Optional[str] = None
 
 
+class TopLogprob(_Model):
+    token: str = ""
+    logprob: float = 0.0
+    bytes: Optional[list[int]] = None  # the token's own bytes (part of a character, for some)
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)  # likeliest first
+
+
+class ChoiceLogprobs(_Model):
+    """One entry per generated token (ask with extra={"logprobs": True, "top_logprobs": N})."""
+
+    content: Optional[list[TokenLogprob]] = None
+
+
 class Choice(_Model):
     index: int = 0
     message: ChatMessage = Field(default_factory=ChatMessage)
     finish_reason: Optional[str] = None
+    logprobs: Optional[ChoiceLogprobs] = None
 
 
 class ChatCompletion(_Model):
@@ -61,6 +78,7 @@ class ChunkChoice(_Model):
     index: int = 0
     delta: ChunkDelta = Field(default_factory=ChunkDelta)
     finish_reason: Optional[str] = None
+    logprobs: Optional[ChoiceLogprobs] = None
 
 
 class ChatCompletionChunk(_Model):
@@ -77,13 +95,15 @@ class ChatCompletionChunk(_Model):
 class StreamDelta(_Model):
     """What a stream yields: the new text of one chunk, and how and when the answer ended.
 
-    `finish_reason` is set on the chunk that ends the answer; `usage` on the final chunk.
+    `finish_reason` is set on the chunk that ends the answer; `usage` on the final chunk;
+    `logprobs` on every chunk of a request that asked for them (its tokens' entries).
     """
 
     text: str = ""
     role: Optional[str] = None
     finish_reason: Optional[str] = None
     usage: Optional[Usage] = None
+    logprobs: list[TokenLogprob] = Field(default_factory=list)
     index: int = 0
     id: str = ""
     request_id: Optional[str] = None
