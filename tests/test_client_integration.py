@@ -120,10 +120,10 @@ def test_streaming_equals_the_greedy_answer(client, popserve_model_name, image_p
 
 
 def test_logprobs_arrive_typed_whole_and_streamed(client, popserve_model_name, image_path):
-    """Asked for through extra=, logprobs come back as typed objects: one entry per generated token
-    with its top alternatives, the same entries streamed (spread over the deltas) as whole."""
+    """Logprobs come back as typed objects: one entry per generated token with its top alternatives,
+    the same entries streamed (spread over the deltas) as whole."""
     ask = dict(prompt=QUESTION, images=[image_path], model=popserve_model_name, max_tokens=8, temperature=0.0,
-               extra={"logprobs": True, "top_logprobs": 3})
+               logprobs=True, top_logprobs=3, frequency_penalty=0.5)
     full = client.chat(**ask)
     entries = full.choices[0].logprobs.content
     assert len(entries) == full.usage.completion_tokens
@@ -131,7 +131,9 @@ def test_logprobs_arrive_typed_whole_and_streamed(client, popserve_model_name, i
     with client.chat_stream(**ask) as stream:
         streamed = [e for d in stream for e in d.logprobs]
     assert [(e.token, e.bytes) for e in streamed] == [(e.token, e.bytes) for e in entries]
-    assert client.chat(**{**ask, "extra": None}).choices[0].logprobs is None
+    assert client.chat(**{**ask, "logprobs": None, "top_logprobs": None}).choices[0].logprobs is None
+    forced = client.chat(**{**ask, "max_tokens": 4, "logit_bias": {150: 100}}).choices[0].logprobs.content
+    assert len(forced) == 4 and len({bytes(e.bytes) for e in forced}) == 1  # one token, four times
 
 
 async def test_twenty_concurrent_async_requests(popserve_url, popserve_model_name, image_path):

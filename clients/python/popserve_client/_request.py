@@ -30,6 +30,11 @@ def chat_body(
     temperature: Optional[float],
     top_p: Optional[float],
     seed: Optional[int],
+    presence_penalty: Optional[float],
+    frequency_penalty: Optional[float],
+    logit_bias: Optional[Mapping[int, float]],
+    logprobs: Optional[bool],
+    top_logprobs: Optional[int],
     stop: Union[str, Sequence[str], None],
     pop: Optional[bool],
     extra: Optional[Mapping[str, Any]],
@@ -49,8 +54,12 @@ def chat_body(
 
     body: dict[str, Any] = {"model": model, "messages": msgs}
     # Only what the caller set: the server's defaults apply to the rest.
-    optional = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed, "pop": pop}
+    optional = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed, "pop": pop,
+                "presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
+                "logprobs": logprobs, "top_logprobs": top_logprobs}
     body.update({k: v for k, v in optional.items() if v is not None})
+    if logit_bias:  # JSON object keys are strings: {"1542": -100}
+        body["logit_bias"] = {str(int(token)): float(bias) for token, bias in logit_bias.items()}
     if stop is not None:
         body["stop"] = stop if isinstance(stop, str) else list(stop)
     if stream:

@@ -98,6 +98,11 @@ class Client(_BaseClient):
         temperature: Optional[float] = None,
         top_p: Optional[float] = None,
         seed: Optional[int] = None,
+        presence_penalty: Optional[float] = None,
+        frequency_penalty: Optional[float] = None,
+        logit_bias: Optional[Mapping[int, float]] = None,
+        logprobs: Optional[bool] = None,
+        top_logprobs: Optional[int] = None,
         stop: Union[str, Sequence[str], None] = None,
         pop: Optional[bool] = None,
         extra: Optional[Mapping[str, Any]] = None,
@@ -111,6 +116,8 @@ class Client(_BaseClient):
         body = self._body(
             self._model(model), False, image_max_side, messages=messages, prompt=prompt, images=images,
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop, pop=pop, extra=extra,
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias,
+            logprobs=logprobs, top_logprobs=top_logprobs,
         )
         return _parse(ChatCompletion, self._http.request("POST", CHAT_PATH, json=body))
 
@@ -125,6 +132,11 @@ class Client(_BaseClient):
         temperature: Optional[float] = None,
         top_p: Optional[float] = None,
         seed: Optional[int] = None,
+        presence_penalty: Optional[float] = None,
+        frequency_penalty: Optional[float] = None,
+        logit_bias: Optional[Mapping[int, float]] = None,
+        logprobs: Optional[bool] = None,
+        top_logprobs: Optional[int] = None,
         stop: Union[str, Sequence[str], None] = None,
         pop: Optional[bool] = None,
         extra: Optional[Mapping[str, Any]] = None,
@@ -140,6 +152,8 @@ class Client(_BaseClient):
         body = self._body(
             model or self.model or "", True, image_max_side, messages=messages, prompt=prompt, images=images,
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop, pop=pop, extra=extra,
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias,
+            logprobs=logprobs, top_logprobs=top_logprobs,
         )
 
         def open_response() -> httpx.Response:
@@ -189,6 +203,11 @@ class AsyncClient(_BaseClient):
         temperature: Optional[float] = None,
         top_p: Optional[float] = None,
         seed: Optional[int] = None,
+        presence_penalty: Optional[float] = None,
+        frequency_penalty: Optional[float] = None,
+        logit_bias: Optional[Mapping[int, float]] = None,
+        logprobs: Optional[bool] = None,
+        top_logprobs: Optional[int] = None,
         stop: Union[str, Sequence[str], None] = None,
         pop: Optional[bool] = None,
         extra: Optional[Mapping[str, Any]] = None,
@@ -198,6 +217,8 @@ class AsyncClient(_BaseClient):
         body = self._body(
             await self._model(model), False, image_max_side, messages=messages, prompt=prompt, images=images,
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop, pop=pop, extra=extra,
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias,
+            logprobs=logprobs, top_logprobs=top_logprobs,
         )
         return _parse(ChatCompletion, await self._http.request("POST", CHAT_PATH, json=body))
 
@@ -212,6 +233,11 @@ class AsyncClient(_BaseClient):
         temperature: Optional[float] = None,
         top_p: Optional[float] = None,
         seed: Optional[int] = None,
+        presence_penalty: Optional[float] = None,
+        frequency_penalty: Optional[float] = None,
+        logit_bias: Optional[Mapping[int, float]] = None,
+        logprobs: Optional[bool] = None,
+        top_logprobs: Optional[int] = None,
         stop: Union[str, Sequence[str], None] = None,
         pop: Optional[bool] = None,
         extra: Optional[Mapping[str, Any]] = None,
@@ -221,6 +247,8 @@ class AsyncClient(_BaseClient):
         body = self._body(  # as in Client.chat_stream
             model or self.model or "", True, image_max_side, messages=messages, prompt=prompt, images=images,
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop, pop=pop, extra=extra,
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias,
+            logprobs=logprobs, top_logprobs=top_logprobs,
         )
 
         async def open_response() -> httpx.Response:

@@ -89,7 +89,8 @@ def test_chat_sends_only_what_was_set(server, completion):
         assert sent(route) == {"model": "tiny-vl", "messages": messages}
         client.chat(
             prompt="hi", model="tiny-vl", max_tokens=7, temperature=0.0, top_p=0.9, seed=3,
-            stop=["\n"], pop=False, extra={"top_k": 5},
+            stop=["\n"], pop=False, extra={"top_k": 5}, presence_penalty=0.5, frequency_penalty=-0.5,
+            logit_bias={1542: -100}, logprobs=True, top_logprobs=2,
         )
     assert sent(route) == {
         "model": "tiny-vl",
@@ -101,6 +102,11 @@ def test_chat_sends_only_what_was_set(server, completion):
         "stop": ["\n"],
         "pop": False,
         "top_k": 5,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+        "logit_bias": {"1542": -100.0},
+        "logprobs": True,
+        "top_logprobs": 2,
     }
     assert "stream" not in sent(route)
 
