@@ -240,7 +240,7 @@ class GatedLM:
             params = params or SamplingParams(max_new_tokens=max_new_tokens)
             gen, c, stop = params.generator(), cache.fork(), set(stop_token_ids)
             while True:
-                tok = sample(logits[-1][None], [params], [gen])[0]
+                tok = sample(logits[-1][None], [params], [gen])[0][0]
                 tokens.append(tok)
                 if tok in stop or len(tokens) >= max_new_tokens:
                     break
