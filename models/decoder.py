@@ -144,8 +144,9 @@ class FullDecoder:
             raise DecoderFull(f"all {self.max_seqs} sequence slots are busy")
         slot = len(self.running)
         self.pool[:, :, slot, :, :n] = handoff.kv.to(self.device)
+        ends = frozenset(() if params.ignore_eos else stop_token_ids) | frozenset(params.stop_token_ids)
         seq = Sequence(next(self._ids), params, n, handoff.last_token, handoff.rope_delta, n + 1,
-                       params.generator(), frozenset(stop_token_ids) | frozenset(params.stop_token_ids))
+                       params.generator(), ends)
         self.running.append(seq)
         return seq.seq_id
 
@@ -236,7 +237,7 @@ class FullDecoder:
             return []
         seqs = self.running
         chosen, logprobs = sample(self.next_logits(), [s.params for s in seqs], [s.generator for s in seqs],
-                                  [s.generated for s in seqs])
+                                  [s.generated for s in seqs], [s.stop_ids for s in seqs])
 
         outputs, done = [], []
         for seq, tok, lp in zip(seqs, chosen, logprobs):

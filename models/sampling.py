@@ -21,6 +21,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     logprobs: Optional[int] = None  # None: off; N: the chosen token's log-probability and the N likeliest
+    # vLLM's, which benchmark tools send for answers of a fixed length: no stop token (end of turn,
+    # or stop_token_ids) before min_tokens; ignore_eos: only stop_token_ids end the answer.
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -37,6 +41,8 @@ class SamplingParams:
             raise ValueError("logit_bias values must be in [-100, 100]")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError("logprobs must be in [0, 20]")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError("min_tokens must be in [0, max_new_tokens]")
 
     @property
     def adjusts_logits(self) -> bool:
@@ -64,15 +70,17 @@ class TokenLogprobs:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
-           generated: Optional[list[list[int]]] = None) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
+           generated: Optional[list[list[int]]] = None,
+           stop_ids: Optional[list[frozenset]] = None) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
     """logits [B, V] (float32) -> one token id per row, and per row its log-probabilities when
-    asked for. `generated`: each row's tokens so far, for the penalties.
+    asked for. `generated`: each row's tokens so far, for the penalties; `stop_ids`: each row's
+    stop tokens, held back until min_tokens.
 
     Log-probabilities are the model's own distribution (log-softmax of its logits, before bias,
     penalties, temperature, top-k and top-p), as vLLM returns them by default."""
     want = [row for row, p in enumerate(params) if p.logprobs is not None]
     logp = torch.log_softmax(logits[want].float(), -1).cpu() if want else None
-    logits = adjust_logits(logits, params, generated or [[] for _ in params])
+    logits = adjust_logits(logits, params, generated or [[] for _ in params], stop_ids)
     out = logits.argmax(-1).tolist()
     for row, (p, gen) in enumerate(zip(params, generators)):
         if p.greedy:
@@ -95,14 +103,19 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
     return out, logprobs
 
 
-def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], generated: list[list[int]]) -> torch.Tensor:
-    """Logit bias and presence / frequency penalties, on a copy, for the rows that ask for them."""
-    rows = [row for row, p in enumerate(params) if p.adjusts_logits]
+def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], generated: list[list[int]],
+                  stop_ids: Optional[list[frozenset]] = None) -> torch.Tensor:
+    """Logit bias, presence / frequency penalties and min_tokens, on a copy, for the rows that ask."""
+    stop_ids = stop_ids or [frozenset()] * len(params)
+    early = [len(generated[row]) < p.min_tokens and bool(stop_ids[row]) for row, p in enumerate(params)]
+    rows = [row for row, p in enumerate(params) if p.adjusts_logits or early[row]]
     if not rows:
         return logits
     logits = logits.clone()
     for row in rows:
         p, x = params[row], logits[row]
+        if early[row]:
+            x[sorted(stop_ids[row])] = float("-inf")
         if p.logit_bias:
             ids = torch.tensor(list(p.logit_bias), device=x.device)
             x.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=x.dtype, device=x.device))

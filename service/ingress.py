@@ -346,13 +346,20 @@ class Ingress:
                              f"{self.max_context}", param="max_tokens", code="context_length_exceeded")
         temperature = req.temperature if req.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0  # documented
         bias = {int(k): v for k, v in req.logit_bias.items()}
-        if bias and max(bias) >= len(self.builder.tokenizer):
-            raise BadRequest(f"logit_bias names token {max(bias)}; the vocabulary has {len(self.builder.tokenizer)}",
-                             param="logit_bias", code="invalid_value")
+        vocab = len(self.builder.tokenizer)
+        for param, ids in (("logit_bias", bias), ("stop_token_ids", req.stop_token_ids)):
+            if ids and max(ids) >= vocab:
+                raise BadRequest(f"{param} names token {max(ids)}; the vocabulary has {vocab}", param=param,
+                                 code="invalid_value")
+        if req.min_tokens > max_tokens:
+            raise BadRequest(f"min_tokens {req.min_tokens} exceeds max_tokens {max_tokens}", param="min_tokens",
+                             code="invalid_value")
         params = {"max_new_tokens": max_tokens, "temperature": temperature, "top_p": req.top_p,
                   "top_k": req.top_k, "seed": req.seed, "presence_penalty": req.presence_penalty,
                   "frequency_penalty": req.frequency_penalty, "logit_bias": bias,
-                  "logprobs": (req.top_logprobs or 0) if req.logprobs else None}
+                  "logprobs": (req.top_logprobs or 0) if req.logprobs else None,
+                  "min_tokens": req.min_tokens, "ignore_eos": req.ignore_eos,
+                  "stop_token_ids": tuple(req.stop_token_ids)}
         return {"prompt": prompt, "digests": [i.digest for i in images], "params": params}
 
     def _logprobs(self, items: list[TokenEvent]) -> list[TokenLogprob]:

@@ -100,6 +100,10 @@ class ChatCompletionRequest(BaseModel):
     logit_bias: dict[str, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS)  # token id -> bias
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    # vLLM's extensions, which benchmark tools send for answers of a fixed length
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=16)
 
     @model_validator(mode="before")
     @classmethod

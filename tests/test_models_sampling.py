@@ -168,7 +168,7 @@ def test_unseeded_sampling_leaves_global_rng_alone():
 def test_sampling_params_validation():
     for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
                 dict(presence_penalty=2.1), dict(frequency_penalty=-2.5), dict(logit_bias={3: 101}),
-                dict(logprobs=21), dict(logprobs=-1)):
+                dict(logprobs=21), dict(logprobs=-1), dict(min_tokens=-1), dict(max_new_tokens=4, min_tokens=5)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
 
@@ -230,3 +230,28 @@ def test_a_decoder_applies_bias_and_penalties_per_sequence(stack):
             checked += 1
         before.append(out.token)
     assert checked >= 10 and len(set(before)) > 1
+
+
+def test_min_tokens_holds_back_stop_tokens_and_ignore_eos_drops_the_end_of_turn(stack):
+    """vLLM's min_tokens and ignore_eos on a real decoder, with logit_bias pushing one token that
+    the decoder treats as its end of turn: with min_tokens 5 the sequence ends at the 6th token
+    ("stop"); with ignore_eos it runs to max_new_tokens ("length") on that token alone, unless the
+    request names it in stop_token_ids, which still end it."""
+    dec, handoffs = stack.dec, stack.handoffs()
+    eos = 150
+    pushed = dict(max_new_tokens=9, logit_bias={eos: 100.0})
+
+    def run(**extra):
+        dec.add(handoffs[0], SamplingParams(**pushed, **extra), stop_token_ids=(eos,))
+        return next(iter(run_to_end(dec).values()))
+
+    assert run() == [(eos, "stop")]
+    held = run(min_tokens=5)
+    assert [t for t, _ in held[:5]] != [eos] * 5 and eos not in [t for t, _ in held[:5]]
+    assert held[5:] == [(eos, "stop")] and all(r is None for _, r in held[:5])
+    assert run(ignore_eos=True) == [(eos, None)] * 8 + [(eos, "length")]
+    assert run(ignore_eos=True, stop_token_ids=(eos,)) == [(eos, "stop")]
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    early = SamplingParams(min_tokens=2)
+    assert adjust_logits(logits, [early], [[0]], [frozenset({2})])[0].tolist() == [1.0, 2.0, float("-inf")]
+    assert adjust_logits(logits, [early], [[0, 1]], [frozenset({2})]) is logits  # long enough now

@@ -508,6 +508,33 @@ def test_logprobs_logit_bias_and_penalties_through_the_openai_client(server):
     assert plain.choices[0].logprobs is None
 
 
+def test_fixed_length_answers_as_benchmark_tools_ask_for_them(servers):
+    """vLLM's ignore_eos, min_tokens and stop_token_ids, sent by the real `openai` package in
+    extra_body as `vllm bench serve` sends them, with logit_bias pushing the end of turn: it ends
+    the answer at once, after min_tokens, never (ignore_eos: max_tokens, "length"), or again when
+    stop_token_ids names it; impossible values are 400s naming the field."""
+    import openai
+
+    server = servers["qwen3-vl"]
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
+    eos = PromptBuilder(server.model_dir).eos_token_ids[0]
+
+    def ask(max_tokens=6, **extra):
+        r = client.chat.completions.create(model=server.model_name, messages=openai_messages("Say something", []),
+                                           max_tokens=max_tokens, temperature=0, logit_bias={str(eos): 100},
+                                           extra_body=extra)
+        return r.usage.completion_tokens, r.choices[0].finish_reason
+
+    assert ask() == (1, "stop")
+    assert ask(min_tokens=4) == (5, "stop")
+    assert ask(ignore_eos=True) == (6, "length")
+    assert ask(ignore_eos=True, stop_token_ids=[eos]) == (1, "stop")
+    for extra, param in (({"max_tokens": 3, "min_tokens": 4}, "min_tokens"), ({"stop_token_ids": [10**9]}, "stop_token_ids")):
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(**extra)
+        assert err.value.body["param"] == param, err.value.body
+
+
 def _question(i: int) -> str:
     """The i-th of 16 text prompts of growing length (about 1300 tokens together)."""
     return " ".join(["word"] * (3 + 7 * i)) + f" question {i}"
