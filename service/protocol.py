@@ -139,11 +139,12 @@ class ChatCompletionRequest(BaseModel):
                 raise ValueError(f"logit_bias values must be in [-100, 100], not {bias}")
         return v
 
-    @model_validator(mode="after")
-    def _top_logprobs_needs_logprobs(self):
-        if self.top_logprobs and not self.logprobs:
+    @field_validator("top_logprobs", mode="after")
+    @classmethod
+    def _top_logprobs_needs_logprobs(cls, v: Optional[int], info):
+        if v and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs: true")
-        return self
+        return v
 
     @model_validator(mode="after")
     def _has_user_content(self):

@@ -269,6 +269,8 @@ def test_errors_name_the_part_that_is_wrong(rel):
     assert err["param"] == "messages.0.content.1" and "'text', 'image_url'" in err["message"], err
     err = assert_openai_error(rel.post({**rel.body(), "messages": [{"role": "user", "content": None}]}), 400)
     assert err["param"] == "messages.0.content" and "string or a list of parts" in err["message"], err
+    err = assert_openai_error(rel.post({**rel.body(), "top_logprobs": 3}), 400, "invalid_value")
+    assert err["param"] == "top_logprobs" and "needs logprobs" in err["message"], err
     err = assert_openai_error(rel.post({**rel.body(), "messages": [{"role": "assistant", "content": "hi"}]}), 400)
     assert err["message"] == "the last message must not be from the assistant" and err["param"] is None, err
 
