@@ -175,3 +175,14 @@ def test_the_detokenizer_decodes_a_short_window_per_token_however_long_the_answe
     text = "".join(detok.feed(i) for i in ids) + detok.flush()
     assert text == tokenizer.decode(ids) and len(ids) == 600
     assert max(widths) <= 8 and sum(widths) < 6 * len(ids), (max(widths), sum(widths))
+
+
+def test_text_held_back_at_the_end_still_meets_the_stop_strings():
+    """A byte-fallback answer whose last character comes as byte tokens is held back until the
+    answer ends; a stop string in that last part still ends the text before it, with "stop"."""
+    tokenizer = _byte_fallback_tokenizer()
+    ids = tokenizer.encode("the 漢", add_special_tokens=False)
+    assert all(f"<0x{b:02X}>" in tokenizer.convert_ids_to_tokens(ids[-3:])[i] for i, b in enumerate("漢".encode()))
+    items = [(i, None) for i in ids[:-1]] + [(ids[-1], "length")]
+    assert Detokenizer(tokenizer, []).feed_message(items) == ("the 漢", len(ids), "length")
+    assert Detokenizer(tokenizer, ["漢"]).feed_message(items) == ("the ", len(ids), "stop")

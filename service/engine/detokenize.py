@@ -54,11 +54,7 @@ class Detokenizer:
             return ""
         self.text = text
         self._settle()
-        # The earliest stop string in the text wins, whatever their order in the request.
-        found = [at for s in self.stop if (at := self.text.find(s, max(0, self.sent - len(s)))) != -1]
-        if found:
-            self.stopped = True
-            self.text = self.text[:min(found)]
+        if self._cut_at_stop():
             return self._emit(len(self.text))
         hold = max((len(s) - 1 for s in self.stop), default=0)
         return self._emit(max(self.sent, len(self.text) - hold))
@@ -69,17 +65,26 @@ class Detokenizer:
         text = ""
         for used, (token_id, finish, *_) in enumerate(items, 1):
             text += self.feed(token_id)
-            reason = "stop" if self.stopped else finish
-            if reason:
-                return text + self.flush(), used, reason
+            if self.stopped or finish:
+                text += self.flush()  # which may still find a stop string in text held back
+                return text, used, "stop" if self.stopped else finish
         return text, len(items), None
 
     def flush(self) -> str:
         """The rest of the text once the answer ends. A character still incomplete then stays out,
         as a replacement character would say nothing."""
-        if not self.stopped:
-            self.text = self._latest.rstrip("\ufffd") if len(self._latest) > len(self.text) else self.text
+        if not self.stopped and len(self._latest) > len(self.text):
+            self.text = self._latest.rstrip("\ufffd")
+            self._cut_at_stop()
         return self._emit(len(self.text))
+
+    def _cut_at_stop(self) -> bool:
+        """End the text before the earliest stop string in it, whatever their order in the request."""
+        found = [at for s in self.stop if (at := self.text.find(s, max(0, self.sent - len(s)))) != -1]
+        if found:
+            self.stopped = True
+            self.text = self.text[:min(found)]
+        return bool(found)
 
     def _decode(self, ids: list[int]) -> str:
         # No clean-up of spaces before punctuation: it would join text across a window's start
