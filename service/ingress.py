@@ -364,14 +364,14 @@ class Ingress:
 
     def _logprobs(self, items: list[TokenEvent]) -> list[TokenLogprob]:
         """OpenAI's logprobs entries of these tokens (none when the request did not ask)."""
-        out = []
-        for event in items:
-            if event.logprobs is None:
-                return []
-            text, raw = self.pieces(event.token_id)
-            top = [TopLogprob(token=t, bytes=b, logprob=lp) for i, lp in event.logprobs.top for t, b in [self.pieces(i)]]
-            out.append(TokenLogprob(token=text, bytes=raw, logprob=event.logprobs.logprob, top_logprobs=top))
-        return out
+        def entry(token_id: int, logprob: float) -> dict:
+            text, raw = self.pieces(token_id)
+            return {"token": text, "bytes": raw, "logprob": logprob}
+
+        if not items or items[0].logprobs is None:
+            return []
+        return [TokenLogprob(**entry(e.token_id, e.logprobs.logprob),
+                             top_logprobs=[TopLogprob(**entry(i, lp)) for i, lp in e.logprobs.top]) for e in items]
 
     def _prompt_limit(self) -> str:
         if self.max_prompt < self.max_context - 1:
