@@ -129,8 +129,9 @@ class FullDecoder:
     def num_running(self) -> int:
         return len(self.running)
 
-    def can_admit(self, handoff_tokens: int, max_new_tokens: int) -> bool:
-        return len(self.running) < self.max_seqs and handoff_tokens + 1 + max_new_tokens <= self.max_seq_len
+    def can_admit(self, handoff_tokens: int, max_new_tokens: int, count: int = 1) -> bool:
+        """Whether `count` sequences of this size fit now (n > 1 choices share one handoff)."""
+        return len(self.running) + count <= self.max_seqs and handoff_tokens + 1 + max_new_tokens <= self.max_seq_len
 
     # ---- sequences -------------------------------------------------------------------------
     def add(self, handoff: KVHandoff, params: SamplingParams, stop_token_ids=()) -> int:

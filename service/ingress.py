@@ -130,6 +130,37 @@ def _cached_tokens(items: list[TokenEvent], known: int) -> int:
     return known if items[0].cached_tokens is None else items[0].cached_tokens
 
 
+class _Choices:
+    """A request's n choices at the Ingress: decode's events, grouped by choice, through one
+    detokenizer each (stop strings, held-back text), with their token counts, finish reasons and
+    logprobs entries. A choice that ended here (a stop string) ignores what decode still sends."""
+
+    def __init__(self, ingress: "Ingress", req: ChatCompletionRequest):
+        self.ingress = ingress
+        self.detoks = [Detokenizer(ingress.builder.tokenizer, req.stop) for _ in range(req.n)]
+        self.counts = [0] * req.n
+        self.reasons: list[Optional[str]] = [None] * req.n
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(req.n)]
+
+    @property
+    def done(self) -> bool:
+        return all(self.reasons)
+
+    def feed(self, items: list[TokenEvent]) -> list[tuple[int, str, list[TokenLogprob], Optional[str]]]:
+        """(choice, new text, its tokens' logprobs entries, finish reason or None) per choice."""
+        out = []
+        for index in dict.fromkeys(e.index for e in items):
+            if self.reasons[index]:
+                continue
+            events = [e for e in items if e.index == index]
+            text, used, self.reasons[index] = self.detoks[index].feed_message(events)
+            self.counts[index] += used
+            logprobs = self.ingress._logprobs(events[:used])
+            self.logprobs[index] += logprobs
+            out.append((index, text, logprobs, self.reasons[index]))
+        return out
+
+
 def _request_id() -> str:
     """Serve gives every request an id (the client's x-request-id header when sent) and echoes
     it in the response's x-request-id header; logs carry it too."""
@@ -351,6 +382,9 @@ class Ingress:
             if ids and max(ids) >= vocab:
                 raise BadRequest(f"{param} names token {max(ids)}; the vocabulary has {vocab}", param=param,
                                  code="invalid_value")
+        if req.n > self.cfg.engine.max_running_seqs:
+            raise BadRequest(f"n {req.n} exceeds the sequences decode runs at once ({self.cfg.engine.max_running_seqs})",
+                             param="n", code="invalid_value")
         if req.min_tokens > max_tokens:
             raise BadRequest(f"min_tokens {req.min_tokens} exceeds max_tokens {max_tokens}", param="min_tokens",
                              code="invalid_value")
@@ -386,7 +420,7 @@ class Ingress:
         if prompt.pixels:
             features = self.encoder.encode.remote(list(zip(prepared["digests"], prompt.pixels)))
         return self.decode.options(stream=True).generate.remote(
-            prompt.input_ids, prompt.mm_token_type_ids, features, prepared["params"], req.pop, req.cache_salt)
+            prompt.input_ids, prompt.mm_token_type_ids, features, prepared["params"], req.pop, req.cache_salt, req.n)
 
     async def _start(self, req, prepared, rid, t0) -> AsyncIterator[list[tuple[int, Optional[str]]]]:
         """Launch the stages and wait for the first token before answering, so that whatever fails
@@ -455,51 +489,50 @@ class Ingress:
         self.metrics.completion_tokens.inc(completion_tokens)
 
     async def _complete(self, req, prepared, tokens, rid, t0) -> JSONResponse:
-        detok = Detokenizer(self.builder.tokenizer, req.stop)
-        reason, count, cached, logprobs = None, 0, 0, []
+        choices, cached = _Choices(self, req), 0
         try:
             async for items in tokens:
                 cached = _cached_tokens(items, cached)
-                _, used, reason = detok.feed_message(items)  # the text accumulates in detok.text
-                count += used
-                logprobs += self._logprobs(items[:used])
-                if reason:
+                choices.feed(items)  # the text accumulates in each choice's detokenizer
+                if choices.done:
                     break
         finally:  # also when the client went away (the task is cancelled): frees the decode slot
             await tokens.aclose()
         n = prepared["prompt"].num_tokens
-        self._finish_metrics(prepared, count, t0)
+        self._finish_metrics(prepared, sum(choices.counts), t0)
         body = ChatCompletion(
             id=f"chatcmpl-{rid}", created=int(time.time()), model=self.model_name,
-            choices=[Choice(message=ResponseMessage(content=detok.text), finish_reason=reason or "length",
-                            logprobs=ChoiceLogprobs(content=logprobs) if req.logprobs else None)],
-            usage=Usage.of(n, count, cached),
+            choices=[Choice(index=i, message=ResponseMessage(content=d.text), finish_reason=choices.reasons[i] or "length",
+                            logprobs=ChoiceLogprobs(content=choices.logprobs[i]) if req.logprobs else None)
+                     for i, d in enumerate(choices.detoks)],
+            usage=Usage.of(n, sum(choices.counts), cached),
         )
         return JSONResponse(body.model_dump())
 
     async def _sse(self, req, prepared, tokens, rid, t0) -> AsyncIterator[str]:
         created, cid = int(time.time()), f"chatcmpl-{rid}"
 
-        def chunk(delta: Delta, reason=None, usage=None, choices=True, logprobs=None) -> str:
-            choice = ChunkChoice(delta=delta, finish_reason=reason, logprobs=logprobs)
+        def chunk(delta: Delta, index=0, reason=None, usage=None, choices=True, logprobs=None) -> str:
+            choice = ChunkChoice(index=index, delta=delta, finish_reason=reason, logprobs=logprobs)
             c = ChatCompletionChunk(id=cid, created=created, model=self.model_name, usage=usage,
                                     choices=[choice] if choices else [])
             return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
 
-        detok = Detokenizer(self.builder.tokenizer, req.stop)
-        reason, count, cached = None, 0, 0
-        yield chunk(Delta(role="assistant", content=""))
+        choices, cached = _Choices(self, req), 0
+        for index in range(req.n):
+            yield chunk(Delta(role="assistant", content=""), index)
         try:
             async for items in tokens:
                 cached = _cached_tokens(items, cached)
-                # One event for the tokens that arrived together: every event is a message to
-                # Serve's proxy and a write to the socket (docs/performance.md).
-                text, used, reason = detok.feed_message(items)
-                count += used
-                logprobs = self._logprobs(items[:used])
-                if text or logprobs:  # a token whose text is held back still has its logprob
-                    yield chunk(Delta(content=text), logprobs=ChoiceLogprobs(content=logprobs) if logprobs else None)
-                if reason:
+                # One event per choice for the tokens that arrived together: every event is a
+                # message to Serve's proxy and a write to the socket (docs/performance.md).
+                for index, text, logprobs, reason in choices.feed(items):
+                    if text or logprobs:  # a token whose text is held back still has its logprob
+                        yield chunk(Delta(content=text), index,
+                                    logprobs=ChoiceLogprobs(content=logprobs) if logprobs else None)
+                    if reason:
+                        yield chunk(Delta(), index, reason=reason)
+                if choices.done:
                     break
         except ServeError as exc:  # mid-stream failure: an error event, and no [DONE]
             self.metrics.request_done(exc.status, exc.code or exc.type)
@@ -508,9 +541,11 @@ class Ingress:
         finally:  # also when the client went away (the task is cancelled): frees the decode slot
             await tokens.aclose()
         n = prepared["prompt"].num_tokens
-        self._finish_metrics(prepared, count, t0)
-        yield chunk(Delta(), reason=reason or "length")
+        self._finish_metrics(prepared, sum(choices.counts), t0)
+        for index, reason in enumerate(choices.reasons):
+            if reason is None:  # decode's stream ended without saying (cannot happen normally)
+                yield chunk(Delta(), index, reason="length")
         if req.stream_options and req.stream_options.include_usage:
-            yield chunk(Delta(), usage=Usage.of(n, count, cached), choices=False)
+            yield chunk(Delta(), usage=Usage.of(n, sum(choices.counts), cached), choices=False)
         yield "data: [DONE]\n\n"
 

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 MAX_LOGIT_BIAS = 300  # entries in one request
+MAX_CHOICES = 16
 
 
 class ImageURL(BaseModel):
@@ -88,7 +89,7 @@ class ChatCompletionRequest(BaseModel):
     top_k: int = Field(0, ge=0)  # extension (vLLM-style)
     seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
     stop: Optional[Union[str, list[str]]] = Field(default_factory=list)
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices decoded from one prefill
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     pop: bool = True  # popserve extension: False runs full-depth prefill (A/B checks)

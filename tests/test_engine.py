@@ -11,6 +11,7 @@ from popserve.models.prefill import PrefillRequest, PrunedPrefill
 from popserve.models.prompt import PromptBuilder
 from popserve.models.sampling import SamplingParams
 from popserve.service.engine.detokenize import Detokenizer
+from popserve.service.errors import BadRequest
 from popserve.service.engine.scheduler import DecodeScheduler
 
 NEW_TOKENS = 10
@@ -42,6 +43,33 @@ def test_stream_interval_groups_the_tokens_after_the_first(stage_pair, interval,
     # the first also says how many prompt tokens were cached; no logprobs were asked for
     assert [e.cached_tokens for e in events] == [0] + [None] * (NEW_TOKENS - 1)
     assert all(e.logprobs is None for e in events)
+    assert decoder.num_running == 0
+
+
+def test_n_choices_decode_from_one_handoff(stage_pair):
+    """n = 2: both choices decode from the one handoff (one prefill), their events told apart by
+    index; seeded, choice 0 is the request's seed and choice 1 the next seed, as the decoder gives
+    them alone; greedy, the choices are the same. Then every slot is free again."""
+    decoder, handoff = stage_pair
+
+    async def choices(params, n):
+        scheduler = DecodeScheduler(decoder, (), max_waiting=4)
+        got: dict[int, list] = {}
+        async for message in scheduler.generate(handoff, params, n):
+            for e in message:
+                got.setdefault(e.index, []).append(e)
+        return got
+
+    seeded = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, seed=11)
+    got = asyncio.run(choices(seeded, 2))
+    alone = [decoder.generate([handoff], SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, seed=s))[0]
+             for s in (11, 12)]
+    assert [[e.token_id for e in got[i]] for i in (0, 1)] == alone and alone[0] != alone[1]
+    assert [[e.finish_reason for e in got[i]][-1] for i in (0, 1)] == ["length", "length"]
+    greedy = asyncio.run(choices(SamplingParams(max_new_tokens=NEW_TOKENS), 2))
+    assert [e.token_id for e in greedy[0]] == [e.token_id for e in greedy[1]]
+    with pytest.raises(BadRequest, match="max_running_seqs"):  # more choices than slots could never run
+        asyncio.run(choices(seeded, decoder.max_seqs + 1))
     assert decoder.num_running == 0
 
 

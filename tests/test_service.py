@@ -535,6 +535,39 @@ def test_fixed_length_answers_as_benchmark_tools_ask_for_them(servers):
         assert err.value.body["param"] == param, err.value.body
 
 
+def test_n_choices_whole_and_streamed_through_the_openai_client(server):
+    """n = 3 seeded choices come from one prefill (the Prefill replica counts one prompt): three
+    answers, not all the same, usage summing their tokens; streamed, the chunks of each index
+    add up to the same three answers; greedy choices are equal; n over what decode runs at once
+    is a 400 naming n."""
+    import openai
+    from ray import serve
+
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
+    ask = dict(model=server.model_name, messages=openai_messages("Tell me about the sea", [png((20, 60, 200))]),
+               max_tokens=8, temperature=1.0, seed=5, n=3)
+    prefill = serve.get_deployment_handle("Prefill", app_name=server.app_name)
+    before = prefill.stats.remote().result()["prompts"]
+    whole = client.chat.completions.create(**ask)
+    assert prefill.stats.remote().result()["prompts"] - before == 1
+    answers = [c.message.content for c in sorted(whole.choices, key=lambda c: c.index)]
+    assert [c.index for c in whole.choices] == [0, 1, 2] and len(set(answers)) > 1
+    assert whole.usage.completion_tokens == 3 * 8 or all(c.finish_reason for c in whole.choices)
+    parts, finish = {0: "", 1: "", 2: ""}, {}
+    for event in client.chat.completions.create(**ask, stream=True):
+        for c in event.choices:
+            parts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+    assert [parts[i] for i in range(3)] == answers
+    assert finish == {c.index: c.finish_reason for c in whole.choices}
+    greedy = client.chat.completions.create(**{**ask, "temperature": 0, "n": 2})
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(**{**ask, "n": 17})  # over 16; over max_running_seqs: test_engine
+    assert err.value.body["param"] == "n"
+
+
 def _question(i: int) -> str:
     """The i-th of 16 text prompts of growing length (about 1300 tokens together)."""
     return " ".join(["word"] * (3 + 7 * i)) + f" question {i}"

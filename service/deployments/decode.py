@@ -37,13 +37,13 @@ class DecodeStage:
 
     async def generate(self, input_ids: torch.Tensor, mm_token_type_ids: Optional[torch.Tensor],
                        features: Optional[list[ImageFeatures]], params: dict, pop: bool = True,
-                       cache_salt: Optional[str] = None) -> AsyncIterator[list]:
+                       cache_salt: Optional[str] = None, n: int = 1) -> AsyncIterator[list]:
         # Decode asks for the prefill itself, so that the KV handoff is this replica's object in
         # Ray's store and is freed as soon as the KV is in the pool. Handed in by the Ingress, it
         # would stay pinned as an argument of this stream until its last token: a second copy of
         # every running prompt's KV in the store (tests/test_service.py, the handoff's lifetime).
         handoff = self._prefill(pop, cache_salt, input_ids, mm_token_type_ids, features)  # awaited by the scheduler
-        async for items in self.scheduler.generate(handoff, SamplingParams(**params)):
+        async for items in self.scheduler.generate(handoff, SamplingParams(**params), n):
             yield items
 
     async def _prefill(self, pop: bool, cache_salt: Optional[str], *args) -> KVHandoff:

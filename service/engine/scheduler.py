@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ class TokenEvent(NamedTuple):
     finish_reason: Optional[str]  # None while running
     cached_tokens: Optional[int] = None  # the first token's only: prompt tokens from the prefix cache
     logprobs: Optional[TokenLogprobs] = None  # when the request asked for them
+    index: int = 0  # which of the request's n choices
 
 
 @dataclass
@@ -34,7 +36,8 @@ class _Request:
     handoff: KVHandoff
     params: SamplingParams
     out: asyncio.Queue
-    seq_id: Optional[int] = None
+    n: int = 1  # choices: sequences decoded from the one handoff
+    choice_of: dict[int, int] = field(default_factory=dict)  # seq_id -> choice index, once admitted
     cancelled: bool = False
     arrived: float = field(default_factory=time.monotonic)
 
@@ -60,11 +63,13 @@ class DecodeScheduler:
 
     # ---- API for the deployment ------------------------------------------------------------
     async def generate(self, handoff: Union[KVHandoff, Awaitable[KVHandoff]],
-                       params: SamplingParams) -> AsyncIterator[list]:
+                       params: SamplingParams, n: int = 1) -> AsyncIterator[list]:
         """Yields lists of TokenEvents as steps produce them: the first list as soon as there is
         a token (TTFT), then lists of at least stream_interval tokens (fewer only at the end),
         longer when the caller reads slower than the steps come. The first token's event also says
-        how many prompt tokens the prefill took from its prefix cache.
+        how many prompt tokens the prefill took from its prefix cache. With n > 1, n sequences
+        decode from the one handoff (the prompt is prefilled once), their events told apart by
+        `index`, and the stream ends when all n have finished.
 
         `handoff` may still be coming (an awaitable: the prefill this replica asked for). The
         queue bound is checked first, so a full decode turns a request away before any prefill
@@ -73,8 +78,10 @@ class DecodeScheduler:
         fam = dec.family
         # Bounded: free slots (filled at the next step) plus max_waiting. Counting the free slots,
         # not asking can_admit(), keeps a burst that lands between two steps within the bound.
+        if not 1 <= n <= dec.max_seqs:
+            raise BadRequest(f"n must be in [1, {dec.max_seqs}] (engine.max_running_seqs)", param="n")
         free = max(0, dec.max_seqs - dec.num_running)
-        if len(self.waiting) + self.prefilling >= self.max_waiting + free:
+        if len(self.waiting) + self.prefilling + n - 1 >= self.max_waiting + free:
             if inspect.iscoroutine(handoff):
                 handoff.close()  # never started: no prefill work was asked for
             raise Overloaded(f"decode is full: {dec.num_running} running, {len(self.waiting)} waiting, "
@@ -93,12 +100,12 @@ class DecodeScheduler:
             raise BadRequest(f"prompt ({handoff.prompt_tokens} tokens) + max_tokens ({params.max_new_tokens}) "
                              f"exceeds the context length {dec.max_seq_len}", param="max_tokens",
                              code="context_length_exceeded")
-        req = _Request(handoff, params, asyncio.Queue())
+        req = _Request(handoff, params, asyncio.Queue(), n)
         cached = handoff.cached_tokens
         del handoff  # the request holds it until admission copies the KV into the pool
         self.waiting.append(req)
         self._ensure_loop()
-        finished = False
+        finished, running = False, n
         try:
             want = 1  # the first token goes out at once (TTFT)
             first = True
@@ -109,7 +116,8 @@ class DecodeScheduler:
                     if isinstance(item, BaseException):
                         raise item
                     items.append(item)
-                    finished = item.finish_reason is not None
+                    running -= item.finish_reason is not None
+                    finished = running == 0
                 want = self.stream_interval
                 if first:
                     items[0], first = items[0]._replace(cached_tokens=cached), False
@@ -148,19 +156,24 @@ class DecodeScheduler:
     def _admit(self) -> None:
         while self.waiting:
             req = self.waiting[0]
-            if not self.decoder.can_admit(req.handoff.num_tokens, req.params.max_new_tokens):
+            if not self.decoder.can_admit(req.handoff.num_tokens, req.params.max_new_tokens, req.n):
                 break
             self.waiting.popleft()
             try:
-                req.seq_id = self.decoder.add(req.handoff, req.params, self.stop_token_ids)
+                for index in range(req.n):  # seeded choices differ from each other, reproducibly
+                    params = req.params if req.params.seed is None or not index else \
+                        dataclasses.replace(req.params, seed=req.params.seed + index)
+                    req.choice_of[self.decoder.add(req.handoff, params, self.stop_token_ids)] = index
             except Exception as exc:  # a bad handoff fails its own request only
+                for seq_id in req.choice_of:
+                    self.decoder.remove(seq_id)
                 req.out.put_nowait(exc)
                 continue
             self.handoffs += 1
             self.handoff_bytes += req.handoff.nbytes
             self.handoff_seconds += max(0.0, time.time() - req.handoff.created_at)
             req.handoff = None  # the pool holds the KV now; let the shared-memory buffer go
-            self.active[req.seq_id] = req
+            self.active.update(dict.fromkeys(req.choice_of, req))
 
     async def _loop(self) -> None:
         while True:
@@ -189,7 +202,8 @@ class DecodeScheduler:
                 if req is None:
                     continue
                 self.tokens_out += 1
-                req.out.put_nowait(TokenEvent(out.token, out.finish_reason, logprobs=out.logprobs))
+                req.out.put_nowait(TokenEvent(out.token, out.finish_reason, logprobs=out.logprobs,
+                                              index=req.choice_of[out.seq_id]))
                 if out.finish_reason:
                     del self.active[out.seq_id]
             await asyncio.sleep(0)  # let arrivals and cancellations in between steps

@@ -56,9 +56,10 @@ class StreamState:
             return None
         text = (choice.delta.content or "") if choice else ""
         logprobs = (choice.logprobs.content or []) if choice and choice.logprobs else []
-        self.parts.append(text)
-        if choice and choice.finish_reason:
-            self.finish_reason = choice.finish_reason
+        if not choice or choice.index == 0:  # text and finish_reason: the first choice's (n > 1: see delta.index)
+            self.parts.append(text)
+            if choice and choice.finish_reason:
+                self.finish_reason = choice.finish_reason
         return StreamDelta(
             text=text,
             role=choice.delta.role if choice else None,
