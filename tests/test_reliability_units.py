@@ -450,8 +450,8 @@ class _FakeDecoder:
     def num_running(self):
         return len(self.running)
 
-    def can_admit(self, n, m):
-        return len(self.running) < self.max_seqs
+    def can_admit(self, n, m, count=1):
+        return len(self.running) + count <= self.max_seqs
 
     def add(self, handoff, params, stop):
         assert len(self.running) < self.max_seqs

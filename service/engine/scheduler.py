@@ -78,14 +78,17 @@ class DecodeScheduler:
         fam = dec.family
         # Bounded: free slots (filled at the next step) plus max_waiting. Counting the free slots,
         # not asking can_admit(), keeps a burst that lands between two steps within the bound.
-        if not 1 <= n <= dec.max_seqs:
-            raise BadRequest(f"n must be in [1, {dec.max_seqs}] (engine.max_running_seqs)", param="n")
         free = max(0, dec.max_seqs - dec.num_running)
-        if len(self.waiting) + self.prefilling + n - 1 >= self.max_waiting + free:
+        refused = None
+        if not 1 <= n <= dec.max_seqs:  # n choices run together: more than the slots never could
+            refused = BadRequest(f"n must be in [1, {dec.max_seqs}] (engine.max_running_seqs)", param="n")
+        elif len(self.waiting) + self.prefilling + n - 1 >= self.max_waiting + free:
+            refused = Overloaded(f"decode is full: {dec.num_running} running, {len(self.waiting)} waiting, "
+                                 f"{self.prefilling} in prefill")
+        if refused:
             if inspect.iscoroutine(handoff):
                 handoff.close()  # never started: no prefill work was asked for
-            raise Overloaded(f"decode is full: {dec.num_running} running, {len(self.waiting)} waiting, "
-                             f"{self.prefilling} in prefill")
+            raise refused
         if inspect.isawaitable(handoff):
             self.prefilling += 1
             try:
