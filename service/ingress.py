@@ -135,9 +135,9 @@ class _Choices:
     detokenizer each (stop strings, held-back text), with their token counts, finish reasons and
     logprobs entries. A choice that ended here (a stop string) ignores what decode still sends."""
 
-    def __init__(self, ingress: "Ingress", req: ChatCompletionRequest):
-        self.ingress = ingress
-        self.detoks = [Detokenizer(ingress.builder.tokenizer, req.stop) for _ in range(req.n)]
+    def __init__(self, tokenizer, req: ChatCompletionRequest, logprobs_of):
+        self.logprobs_of = logprobs_of  # TokenEvents -> their logprobs entries (Ingress._logprobs)
+        self.detoks = [Detokenizer(tokenizer, req.stop) for _ in range(req.n)]
         self.counts = [0] * req.n
         self.reasons: list[Optional[str]] = [None] * req.n
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(req.n)]
@@ -155,7 +155,7 @@ class _Choices:
             events = [e for e in items if e.index == index]
             text, used, self.reasons[index] = self.detoks[index].feed_message(events)
             self.counts[index] += used
-            logprobs = self.ingress._logprobs(events[:used])
+            logprobs = self.logprobs_of(events[:used])
             self.logprobs[index] += logprobs
             out.append((index, text, logprobs, self.reasons[index]))
         return out
@@ -489,7 +489,7 @@ class Ingress:
         self.metrics.completion_tokens.inc(completion_tokens)
 
     async def _complete(self, req, prepared, tokens, rid, t0) -> JSONResponse:
-        choices, cached = _Choices(self, req), 0
+        choices, cached = _Choices(self.builder.tokenizer, req, self._logprobs), 0
         try:
             async for items in tokens:
                 cached = _cached_tokens(items, cached)
@@ -518,7 +518,7 @@ class Ingress:
                                     choices=[choice] if choices else [])
             return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
 
-        choices, cached = _Choices(self, req), 0
+        choices, cached = _Choices(self.builder.tokenizer, req, self._logprobs), 0
         for index in range(req.n):
             yield chunk(Delta(role="assistant", content=""), index)
         try:
