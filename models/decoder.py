@@ -49,6 +49,7 @@ class Sequence:
     prompt_tokens: int
     generator: Optional[torch.Generator]
     stop_ids: frozenset
+    prompt_ids: Optional[torch.Tensor] = None  # the prompt's distinct tokens, kept for repetition_penalty only
     generated: list[int] = field(default_factory=list)
 
 
@@ -146,8 +147,13 @@ class FullDecoder:
         slot = len(self.running)
         self.pool[:, :, slot, :, :n] = handoff.kv.to(self.device)
         ends = frozenset(() if params.ignore_eos else stop_token_ids) | frozenset(params.stop_token_ids)
+        prompt_ids = None
+        if params.repetition_penalty != 1.0:
+            if handoff.prompt_ids is None:
+                raise ValueError("repetition_penalty needs the prompt's token ids, and this handoff has none")
+            prompt_ids = handoff.prompt_ids.unique()
         seq = Sequence(next(self._ids), params, n, handoff.last_token, handoff.rope_delta, n + 1,
-                       params.generator(), ends)
+                       params.generator(), ends, prompt_ids)
         self.running.append(seq)
         return seq.seq_id
 
@@ -238,7 +244,8 @@ class FullDecoder:
             return []
         seqs = self.running
         chosen, logprobs = sample(self.next_logits(), [s.params for s in seqs], [s.generator for s in seqs],
-                                  [s.generated for s in seqs], [s.stop_ids for s in seqs])
+                                  [s.generated for s in seqs], [s.stop_ids for s in seqs],
+                                  [s.prompt_ids for s in seqs])
 
         outputs, done = [], []
         for seq, tok, lp in zip(seqs, chosen, logprobs):

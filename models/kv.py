@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -32,6 +33,7 @@ class KVHandoff:
     prompt_tokens: int  # N (the handoff holds N-1 of them)
     created_at: float = 0.0  # wall clock when prefill finished, to time the handoff
     cached_tokens: int = 0  # of the N-1, how many came from the prefill's prefix cache
+    prompt_ids: Optional[torch.Tensor] = None  # t_1..t_N, for repetition_penalty (counts the prompt)
 
     @property
     def num_tokens(self) -> int:

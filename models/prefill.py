@@ -140,7 +140,7 @@ class PrunedPrefill:
             out.append(KVHandoff(
                 kv=kv, last_token=int(r.input_ids[-1]), rope_delta=deltas[b], pop_ratio=self.pop_ratio,
                 skipped_layers=self.k, fingerprint=self.fingerprint, prompt_tokens=n + m + 1, created_at=now,
-                cached_tokens=n,
+                cached_tokens=n, prompt_ids=r.input_ids,
             ))
         return out
 

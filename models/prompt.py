@@ -9,6 +9,7 @@ import torch
 
 from .checkpoint import detect_family, resolve_model_dir
 from .families import PixelInputs, family_for
+from .sampling import GENERATION_CONFIG_FIELDS
 
 
 @dataclass
@@ -33,7 +34,7 @@ class PromptBuilder:
         self.family = family_for(AutoConfig.from_pretrained(model_dir))
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.tokenizer = self.processor.tokenizer
-        self.eos_token_ids = self._eos_ids(model_dir)
+        self._read_generation_config(model_dir)  # eos_token_ids, sampling_defaults
         # Text that spells a control token (<|im_start|>, <start_of_turn>, ...) would become that
         # token: a user could forge turns or image slots. Control tokens: the tokenizer's named
         # special tokens and the special tokens its chat template writes (not every added token:
@@ -54,16 +55,22 @@ class PromptBuilder:
         merges at most a few characters into one (hence the margin of 4)."""
         return sum(map(len, texts)) // (4 * self.max_token_chars)
 
-    def _eos_ids(self, model_dir: Path) -> tuple[int, ...]:
+    def _read_generation_config(self, model_dir: Path) -> None:
+        """End-of-answer ids, and the sampling values the checkpoint itself sets in
+        generation_config.json (not transformers' defaults): real Qwen3-VL asks for top_k 20,
+        top_p 0.8, temperature 0.7; Gemma-3 for top_k 64, top_p 0.95. vLLM applies them to what a
+        request leaves unset (its `--generation-config auto`), and so does the Ingress."""
         from transformers import GenerationConfig
 
-        ids = {self.tokenizer.eos_token_id}
         try:
-            eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-            ids |= set(eos if isinstance(eos, list) else [eos])
+            gen = GenerationConfig.from_pretrained(model_dir)
         except OSError:
-            pass
-        return tuple(sorted(i for i in ids if i is not None))
+            gen = None
+        eos = gen.eos_token_id if gen else None
+        ids = {self.tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos])
+        self.eos_token_ids = tuple(sorted(i for i in ids if i is not None))
+        set_here = gen.to_diff_dict() if gen else {}
+        self.sampling_defaults = {k: set_here[k] for k in GENERATION_CONFIG_FIELDS if set_here.get(k) is not None}
 
     def render(self, messages: list[dict]) -> str:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -6,6 +6,10 @@ from typing import Optional
 
 import torch
 
+# Sampling parameters a checkpoint's generation_config.json may set too (vLLM's list, less
+# max_new_tokens): the server's defaults for requests that leave them unset.
+GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
 
 @dataclass
 class SamplingParams:
@@ -13,6 +17,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
+    min_p: float = 0.0  # drops tokens less likely than min_p x the likeliest one (after temperature)
     seed: Optional[int] = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     # OpenAI's: subtracted from a token's logit once it was generated (presence) and per time
@@ -20,6 +25,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    # transformers' and vLLM's: a token already in the prompt or the answer has its logit divided
+    # by this when positive, multiplied when negative (> 1 repeats less).
+    repetition_penalty: float = 1.0
     logprobs: Optional[int] = None  # None: off; N: the chosen token's log-probability and the N likeliest
     # vLLM's, which benchmark tools send for answers of a fixed length: no stop token (end of turn,
     # or stop_token_ids) before min_tokens; ignore_eos: only stop_token_ids end the answer.
@@ -35,6 +43,10 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must be in [0, 1]")
+        if not 0 < self.repetition_penalty <= 2:
+            raise ValueError("repetition_penalty must be in (0, 2]")
         if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
             raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
         if any(not -100 <= b <= 100 for b in self.logit_bias.values()):
@@ -46,7 +58,8 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
+                    or self.repetition_penalty != 1.0)
 
     @property
     def greedy(self) -> bool:
@@ -71,16 +84,18 @@ class TokenLogprobs:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
            generated: Optional[list[list[int]]] = None,
-           stop_ids: Optional[list[frozenset]] = None) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
+           stop_ids: Optional[list[frozenset]] = None,
+           prompt_ids: Optional[list[Optional[torch.Tensor]]] = None) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
     """logits [B, V] (float32) -> one token id per row, and per row its log-probabilities when
     asked for. `generated`: each row's tokens so far, for the penalties; `stop_ids`: each row's
-    stop tokens, held back until min_tokens.
+    stop tokens, held back until min_tokens; `prompt_ids`: each row's prompt tokens, for
+    repetition_penalty (needed only by the rows that ask for it).
 
     Log-probabilities are the model's own distribution (log-softmax of its logits, before bias,
     penalties, temperature, top-k and top-p), as vLLM returns them by default."""
     want = [row for row, p in enumerate(params) if p.logprobs is not None]
     logp = torch.log_softmax(logits[want].float(), -1).cpu() if want else None
-    logits = adjust_logits(logits, params, generated or [[] for _ in params], stop_ids)
+    logits = adjust_logits(logits, params, generated or [[] for _ in params], stop_ids, prompt_ids)
     out = logits.argmax(-1).tolist()
     for row, (p, gen) in enumerate(zip(params, generators)):
         if p.greedy:
@@ -95,6 +110,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
             drop = cum - torch.softmax(sorted_x, -1) >= p.top_p  # keep the smallest prefix reaching top_p
             x = x.scatter(0, idx[drop], float("-inf"))
         probs = torch.softmax(x, -1)
+        if p.min_p:
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)  # multinomial renormalizes
         out[row] = int(torch.multinomial(probs, 1, generator=gen).item())
     logprobs: list[Optional[TokenLogprobs]] = [None] * len(params)
     for i, row in enumerate(want):
@@ -104,8 +121,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
 
 
 def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], generated: list[list[int]],
-                  stop_ids: Optional[list[frozenset]] = None) -> torch.Tensor:
-    """Logit bias, presence / frequency penalties and min_tokens, on a copy, for the rows that ask."""
+                  stop_ids: Optional[list[frozenset]] = None,
+                  prompt_ids: Optional[list[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+    """Logit bias, the penalties and min_tokens, on a copy, for the rows that ask."""
     stop_ids = stop_ids or [frozenset()] * len(params)
     early = [len(generated[row]) < p.min_tokens and bool(stop_ids[row]) for row, p in enumerate(params)]
     rows = [row for row, p in enumerate(params) if p.adjusts_logits or early[row]]
@@ -119,6 +137,13 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], generated:
         if p.logit_bias:
             ids = torch.tensor(list(p.logit_bias), device=x.device)
             x.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=x.dtype, device=x.device))
+        if p.repetition_penalty != 1.0:  # after the bias, before presence / frequency: vLLM's order
+            if prompt_ids is None or prompt_ids[row] is None:
+                raise ValueError("repetition_penalty needs the prompt's token ids")
+            seen = torch.cat((prompt_ids[row].to(x.device, torch.long), torch.tensor(generated[row], dtype=torch.long,
+                                                                           device=x.device))).unique()
+            was = x[seen]
+            x[seen] = torch.where(was > 0, was / p.repetition_penalty, was * p.repetition_penalty)
         if generated[row] and (p.presence_penalty or p.frequency_penalty):
             counts = torch.bincount(torch.tensor(generated[row], device=x.device), minlength=x.numel())[: x.numel()]
             x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)

@@ -143,6 +143,10 @@ class ServeConfig(_Strict):
     # Prompt tokens one prefill batch may hold (a longer prompt runs alone). Small batches release
     # their KV early: with a count limit, 8 prompts of 2048 tokens all waited for one 47 s batch.
     prefill_batch_tokens: int = Field(4096, ge=1)
+    # What a request that leaves temperature, top_p, top_k, min_p or repetition_penalty unset gets:
+    # "model": the values the checkpoint's generation_config.json sets (vLLM's default,
+    # `--generation-config auto`), OpenAI's for the rest; "openai": OpenAI's (temperature 1, top_p 1).
+    sampling_defaults: Literal["model", "openai"] = "model"
 
     ingress: DeploymentSettings = Field(default_factory=lambda: DeploymentSettings(**STAGE_DEFAULTS["ingress"]))
     encoder: DeploymentSettings = Field(default_factory=DeploymentSettings)

@@ -24,6 +24,7 @@ from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from popserve.models.prompt import Prompt, PromptBuilder
+from popserve.models.sampling import SamplingParams
 
 from .config import ServeConfig
 from .deployments.common import replica_info, setup_replica
@@ -110,6 +111,19 @@ def build_prompt(builder: PromptBuilder, messages: list[dict], images: list) -> 
         raise BadRequest(f"cannot build the prompt: {exc}", param="messages", code="invalid_value") from None
 
 
+def sampling_defaults(builder: PromptBuilder, source: str) -> dict:
+    """The sampling values requests get for what they leave unset (ServeConfig.sampling_defaults),
+    over OpenAI's. A checkpoint's out-of-range value fails the start, not every request."""
+    if source == "openai" or not builder.sampling_defaults:
+        return {}
+    try:
+        SamplingParams(**builder.sampling_defaults)
+    except ValueError as exc:
+        raise ValueError(f"the model's generation_config.json: {exc} (sampling_defaults: openai ignores it)") from None
+    logger.info("sampling defaults from the model's generation_config.json: %s", builder.sampling_defaults)
+    return dict(builder.sampling_defaults)
+
+
 def _healthy_in_serve(stages: dict) -> set[str]:
     """The stages whose deployments Serve's controller reports healthy (their replicas pass
     Serve's own health checks)."""
@@ -180,6 +194,7 @@ class Ingress:
         self.encoder, self.prefill, self.prefill_full, self.decode = encoder, prefill, prefill_full, decode
         self.builder = PromptBuilder(self.cfg.model)
         self.pieces = TokenPieces(self.builder.tokenizer)
+        self.sampling_defaults = sampling_defaults(self.builder, self.cfg.sampling_defaults)
         self.model_name = self.cfg.model_name()
         text_cfg = self.builder.family.text_config
         self.max_context = min(self.cfg.engine.max_seq_len, text_cfg.max_position_embeddings)
@@ -375,7 +390,9 @@ class Ingress:
         if n + max_tokens > self.max_context:
             raise BadRequest(f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds the context length "
                              f"{self.max_context}", param="max_tokens", code="context_length_exceeded")
-        temperature = req.temperature if req.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0  # documented
+        sampling = req.sampling(self.sampling_defaults)
+        if sampling["temperature"] < MIN_SAMPLING_TEMPERATURE:  # documented
+            sampling["temperature"] = 0.0
         bias = {int(k): v for k, v in req.logit_bias.items()}
         vocab = len(self.builder.tokenizer)
         for param, ids in (("logit_bias", bias), ("stop_token_ids", req.stop_token_ids)):
@@ -388,8 +405,7 @@ class Ingress:
         if req.min_tokens > max_tokens:
             raise BadRequest(f"min_tokens {req.min_tokens} exceeds max_tokens {max_tokens}", param="min_tokens",
                              code="invalid_value")
-        params = {"max_new_tokens": max_tokens, "temperature": temperature, "top_p": req.top_p,
-                  "top_k": req.top_k, "seed": req.seed, "presence_penalty": req.presence_penalty,
+        params = {"max_new_tokens": max_tokens, **sampling, "seed": req.seed, "presence_penalty": req.presence_penalty,
                   "frequency_penalty": req.frequency_penalty, "logit_bias": bias,
                   "logprobs": (req.top_logprobs or 0) if req.logprobs else None,
                   "min_tokens": req.min_tokens, "ignore_eos": req.ignore_eos,

@@ -5,6 +5,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from popserve.models.sampling import GENERATION_CONFIG_FIELDS
 
 MAX_LOGIT_BIAS = 300  # entries in one request
 MAX_CHOICES = 16
@@ -87,6 +88,8 @@ class ChatCompletionRequest(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # extension (vLLM-style)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # extension (vLLM-style)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)  # extension (vLLM-style); counts the prompt too
     seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
     stop: Optional[Union[str, list[str]]] = Field(default_factory=list)
     n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices decoded from one prefill
@@ -152,6 +155,12 @@ class ChatCompletionRequest(BaseModel):
         if self.messages[-1].role == "assistant":
             raise ValueError("the last message must not be from the assistant")
         return self
+
+    def sampling(self, defaults: dict) -> dict:
+        """temperature, top_p, top_k, min_p and repetition_penalty: the request's where it sets
+        them (null is unset), else `defaults` (the model's generation_config.json), else OpenAI's."""
+        return {name: getattr(self, name) if name in self.model_fields_set else defaults.get(name, getattr(self, name))
+                for name in GENERATION_CONFIG_FIELDS}
 
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens or self.max_tokens

@@ -95,16 +95,16 @@ def request_for(s, prompt):
     return PrefillRequest(prompt.input_ids, prompt.mm_token_type_ids, s.enc.encode_pixels(prompt.pixels))
 
 
-def hf_generate(s, batch, n=NEW):
+def hf_generate(s, batch, n=NEW, **sampling):
     if hasattr(s.hf.model, "rope_deltas"):
         s.hf.model.rope_deltas = None
     with torch.no_grad():
-        out = s.hf.generate(**batch, max_new_tokens=n, do_sample=False)
+        out = s.hf.generate(**batch, max_new_tokens=n, do_sample=False, **sampling)
     return out[0, batch["input_ids"].shape[1]:].tolist()
 
 
-def ours_generate(s, handoffs, n=NEW):
-    plist = [SamplingParams(max_new_tokens=m) for m in (n if isinstance(n, list) else [n] * len(handoffs))]
+def ours_generate(s, handoffs, n=NEW, **sampling):
+    plist = [SamplingParams(max_new_tokens=m, **sampling) for m in (n if isinstance(n, list) else [n] * len(handoffs))]
     out = s.dec.generate(handoffs, plist, stop_token_ids=s.eos)
     assert s.dec.num_running == 0
     return out
@@ -239,6 +239,19 @@ def test_batch_of_three_matches_hf_one_by_one(stack):
     ours = ours_generate(s, together, budgets)
     for (_, batch), n, got in zip(built, budgets, ours):
         assert got == hf_generate(s, batch, n)
+
+
+def test_repetition_penalty_matches_hf_generate(stack):
+    """Greedy with repetition_penalty (over the prompt's tokens and the answer's) decodes what
+    transformers' generate decodes with it, images included; and it changes some answer."""
+    s, changed = stack, 0
+    for name in ("text", "one_image", "long_text"):
+        prompt, batch = build(s, name)
+        [handoff] = s.pre0.prefill([request_for(s, prompt)])
+        [ours] = ours_generate(s, [handoff], 12, repetition_penalty=1.6)
+        assert ours == hf_generate(s, batch, 12, repetition_penalty=1.6), name
+        changed += ours != ours_generate(s, [handoff], 12)[0]
+    assert changed
 
 
 # ---- 2. POP on: KV and tokens against independent references -----------------------------------

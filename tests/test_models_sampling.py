@@ -168,7 +168,8 @@ def test_unseeded_sampling_leaves_global_rng_alone():
 def test_sampling_params_validation():
     for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
                 dict(presence_penalty=2.1), dict(frequency_penalty=-2.5), dict(logit_bias={3: 101}),
-                dict(logprobs=21), dict(logprobs=-1), dict(min_tokens=-1), dict(max_new_tokens=4, min_tokens=5)):
+                dict(logprobs=21), dict(logprobs=-1), dict(min_tokens=-1), dict(max_new_tokens=4, min_tokens=5),
+                dict(min_p=-0.1), dict(min_p=1.5), dict(repetition_penalty=0.0), dict(repetition_penalty=2.5)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
 
@@ -202,6 +203,35 @@ def test_penalties_count_the_generated_tokens():
     greedy = SamplingParams(frequency_penalty=0.5)
     assert sample(logits, [greedy], [None], generated)[0] == [1]  # token 0 fell below token 1
     assert sample(logits, [greedy], [None], [[]])[0] == [0]  # nothing generated yet, nothing to count
+
+
+def test_repetition_penalty_and_min_p_are_transformers_own():
+    """repetition_penalty over the prompt's and the answer's tokens, and min_p, give what
+    transformers' RepetitionPenaltyLogitsProcessor and MinPLogitsWarper give; the penalty needs the
+    prompt's ids, and a row that does not ask is left alone."""
+    from transformers import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 40, generator=gen) * 3
+    prompt, answer = torch.tensor([3, 5, 5, 17, 30]), [[9, 3, 21], []]
+    for penalty in (1.3, 0.7):
+        params = [SamplingParams(repetition_penalty=penalty), SamplingParams()]
+        ours = adjust_logits(logits, params, answer, prompt_ids=[prompt, None])
+        ids = torch.cat((prompt, torch.tensor(answer[0])))[None]
+        assert torch.equal(ours[0], RepetitionPenaltyLogitsProcessor(penalty)(ids, logits[:1].clone())[0])
+        assert torch.equal(ours[1], logits[1])
+    with pytest.raises(ValueError, match="prompt's token ids"):
+        adjust_logits(logits[:1], [SamplingParams(repetition_penalty=1.3)], [[]])
+
+    small = torch.tensor([[4.0, 3.5, 3.0, 1.0, 0.0, -1.0]])
+    sizes = []
+    for min_p in (0.03, 0.3, 0.7, 1.0):
+        allowed = set(MinPLogitsWarper(min_p)(None, small / 0.9)[0].isfinite().nonzero().flatten().tolist())
+        p = SamplingParams(temperature=0.9, min_p=min_p, seed=1)
+        g = p.generator()
+        assert {sample(small, [p], [g])[0][0] for _ in range(600)} == allowed, min_p
+        sizes.append(len(allowed))
+    assert sizes == [4, 3, 1, 1]
 
 
 def test_a_decoder_applies_bias_and_penalties_per_sequence(stack):

@@ -211,6 +211,8 @@ def _bad_cases(model: str):
         ("logprobs-not-bool", {**ok, "logprobs": 3}, 400, "invalid_value"),
         ("presence-penalty-over-2", {**ok, "presence_penalty": 2.5}, 400, "invalid_value"),
         ("frequency-penalty-under-minus-2", {**ok, "frequency_penalty": -3}, 400, "invalid_value"),
+        ("repetition-penalty-zero", {**ok, "repetition_penalty": 0}, 400, "invalid_value"),
+        ("min-p-over-1", {**ok, "min_p": 1.5}, 400, "invalid_value"),
         ("logit-bias-key-not-a-token-id", {**ok, "logit_bias": {"the": 5}}, 400, "invalid_value"),
         ("logit-bias-over-100", {**ok, "logit_bias": {"5": 101}}, 400, "invalid_value"),
         ("logit-bias-beyond-the-vocabulary", {**ok, "logit_bias": {"99999999": 1}}, 400, "invalid_value"),
@@ -392,6 +394,7 @@ def test_fuzz_chat_completions_never_500(rel):
             "pop": st.booleans() | anything, "logprobs": anything, "top_logprobs": st.integers(-1, 30) | anything,
             "logit_bias": st.dictionaries(st.text(max_size=6), st.floats(-200, 200)) | anything,
             "frequency_penalty": st.floats(-3, 3) | anything, "min_tokens": st.integers(-2, 12) | anything,
+            "min_p": st.floats(-1, 2) | anything, "repetition_penalty": st.floats(-1, 3) | anything,
             "ignore_eos": anything, "stop_token_ids": st.lists(st.integers(-5, 10**6), max_size=20) | anything,
             "tools": anything})
     # Near-valid requests (so that plenty get through to the stages), each field drawn from its range.
@@ -410,7 +413,7 @@ def test_fuzz_chat_completions_never_500(rel):
                   "logit_bias": st.dictionaries(st.integers(0, 500).map(str), st.floats(-100, 100), max_size=4),
                   "logprobs": st.booleans(), "top_logprobs": st.integers(0, 20), "min_tokens": st.integers(0, 6),
                   "ignore_eos": st.booleans(), "stop_token_ids": st.lists(st.integers(0, 500), max_size=3),
-                  "user": st.text(max_size=8)})
+                  "min_p": st.floats(0, 1), "repetition_penalty": st.floats(0.01, 2), "user": st.text(max_size=8)})
     raw = (near_valid.map(lambda b: json.dumps(b).encode())
            | body.map(lambda b: json.dumps(b).encode())
            | st.tuples(body, st.integers(0, 400)).map(lambda t: json.dumps(t[0]).encode()[: t[1]])

@@ -58,11 +58,11 @@ class Reference:
         self.prefill = {r: PrunedPrefill(model_dir, r, dtype="float32") for r in (1 / 3, 0.0)}
         self.decoder = FullDecoder(model_dir, 1 / 3, dtype="float32", max_seqs=2, max_seq_len=1024)
 
-    def answer(self, text, images, pop=True, max_tokens=MAX_TOKENS) -> str:
+    def answer(self, text, images, pop=True, max_tokens=MAX_TOKENS, **sampling) -> str:
         p = self.builder.build(hf_messages(text, images), images)
         feats = self.encoder.encode_pixels(p.pixels)
         h = self.prefill[1 / 3 if pop else 0.0].prefill([PrefillRequest(p.input_ids, p.mm_token_type_ids, feats)])
-        ids = self.decoder.generate(h, SamplingParams(max_new_tokens=max_tokens),
+        ids = self.decoder.generate(h, SamplingParams(max_new_tokens=max_tokens, **sampling),
                                     stop_token_ids=self.builder.eos_token_ids)[0]
         if ids and ids[-1] in self.builder.eos_token_ids:
             ids = ids[:-1]
@@ -506,6 +506,30 @@ def test_logprobs_logit_bias_and_penalties_through_the_openai_client(server):
     assert forced.choices[0].message.content == tokenizer.decode([token] * 5)
     plain = client.chat.completions.create(model=server.model_name, messages=msgs, max_tokens=5, temperature=0)
     assert plain.choices[0].logprobs is None
+
+
+def test_repetition_penalty_and_min_p_through_the_openai_client(server, references):
+    """vLLM's repetition_penalty and min_p in the `openai` package's extra_body: greedy with the
+    penalty answers what the stage runners answer with it (and the penalty changes some answer);
+    min_p 1 keeps only the likeliest token, so three sampled choices are the greedy answer;
+    impossible values are 400s naming the field."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")
+    ref, changed = references[server.family], 0
+    for _, text, images in CASES[:2]:
+        ask = dict(model=server.model_name, messages=openai_messages(text, images), max_tokens=16)
+        penalised = client.chat.completions.create(**ask, temperature=0, extra_body={"repetition_penalty": 1.6})
+        assert penalised.choices[0].message.content == ref.answer(text, images, max_tokens=16, repetition_penalty=1.6)
+        greedy = client.chat.completions.create(**ask, temperature=0).choices[0].message.content
+        changed += penalised.choices[0].message.content != greedy
+        likeliest = client.chat.completions.create(**ask, temperature=1.0, n=3, extra_body={"min_p": 1.0})
+        assert [c.message.content for c in likeliest.choices] == [greedy] * 3
+    assert changed
+    for extra in ({"repetition_penalty": 0}, {"repetition_penalty": 2.5}, {"min_p": 1.5}):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(**ask, extra_body=extra)
+        assert err.value.body["param"] == next(iter(extra)), err.value.body
 
 
 def test_fixed_length_answers_as_benchmark_tools_ask_for_them(servers):
