@@ -564,6 +564,66 @@ def test_decode_counts_requests_in_prefill_and_turns_them_away_before_prefilling
     assert stats["prefilling"] == 0 and stats["waiting"] == 0 and stats["running"] == 0
 
 
+def test_decode_counts_the_slots_of_n_choices_when_it_asks_for_a_handoff():
+    """A request of n choices will take n slots: with 4 slots, one of 3 choices in prefill leaves
+    room for one more sequence, so a request of 2 choices asked for next will wait for a slot."""
+    from popserve.models.sampling import SamplingParams
+    from popserve.service.engine.scheduler import DecodeScheduler
+
+    async def scenario():
+        sched = DecodeScheduler(_FakeDecoder(max_seqs=4), (), max_waiting=4)
+        gate = asyncio.Event()
+
+        async def prefill():
+            will_wait.append(sched.slots_spoken_for())
+            await gate.wait()
+            return _FakeHandoff()
+
+        async def one(n):
+            return [t async for items in sched.generate(prefill(), SamplingParams(max_new_tokens=2), n) for t in items]
+
+        first = asyncio.create_task(one(3))
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(one(2))
+        await asyncio.sleep(0.01)
+        gate.set()
+        return [len(r) for r in await asyncio.gather(first, second)]
+
+    will_wait = []
+    assert asyncio.run(scenario()) == [6, 4]
+    assert will_wait == [False, True]
+
+
+def test_a_failing_scheduler_iteration_fails_its_requests_and_decode_keeps_serving():
+    """A bug in decode's bookkeeping (here can_admit raising once) ends the requests it holds with
+    an error instead of leaving them waiting forever, and the next request is served."""
+    from popserve.models.sampling import SamplingParams
+    from popserve.service.engine.scheduler import DecodeScheduler
+    from popserve.service.errors import ServeError
+
+    class Flaky(_FakeDecoder):
+        broken = True
+
+        def can_admit(self, n, m, count=1):
+            if self.broken:
+                self.broken = False
+                raise RuntimeError("bookkeeping bug")
+            return super().can_admit(n, m, count)
+
+    async def scenario():
+        sched = DecodeScheduler(Flaky(max_seqs=2), (), max_waiting=2)
+
+        async def one():
+            return [t async for items in sched.generate(_FakeHandoff(), SamplingParams(max_new_tokens=3)) for t in items]
+
+        with pytest.raises(ServeError, match="bookkeeping bug"):
+            await asyncio.wait_for(one(), 5)
+        return len(await asyncio.wait_for(one(), 5)), sched.stats()
+
+    served, stats = asyncio.run(scenario())
+    assert served == 3 and stats["running"] == 0 and stats["waiting"] == 0
+
+
 def test_a_dead_replica_is_retried_and_nothing_else():
     """Ingress (the whole request) and Decode (the prefill it asks for) share this retry."""
     import time

@@ -11,6 +11,7 @@ import asyncio
 import collections
 import dataclasses
 import inspect
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, NamedTuple, Optional, Union
@@ -20,6 +21,8 @@ from popserve.models.kv import HandoffMismatch, KVHandoff
 from popserve.models.sampling import SamplingParams, TokenLogprobs
 
 from ..errors import BadRequest, Overloaded, ServeError
+
+log = logging.getLogger(__name__)
 
 
 class TokenEvent(NamedTuple):
@@ -60,6 +63,7 @@ class DecodeScheduler:
         self.handoff_seconds = 0.0  # prefill finished -> KV in this replica's pool
         self.handoffs = 0
         self.prefilling = 0  # requests whose handoff is still being prefilled for this replica
+        self._prefilling_seqs = 0  # their choices (n each): the slots they will ask for
 
     # ---- API for the deployment ------------------------------------------------------------
     async def generate(self, handoff: Union[KVHandoff, Awaitable[KVHandoff]],
@@ -91,10 +95,12 @@ class DecodeScheduler:
             raise refused
         if inspect.isawaitable(handoff):
             self.prefilling += 1
+            self._prefilling_seqs += n
             try:
                 handoff = await handoff  # drops the response, so only the KV itself stays referenced
             finally:
                 self.prefilling -= 1
+                self._prefilling_seqs -= n
         try:
             handoff.check(dec.accepted, fam.num_layers, fam.num_kv_heads, fam.head_dim, dec.dtype)
         except HandoffMismatch as exc:
@@ -131,9 +137,10 @@ class DecodeScheduler:
                 self._wake.set()
 
     def slots_spoken_for(self) -> bool:
-        """Whether the running, waiting and in-prefill requests already fill every slot, so that a
-        handoff asked for now (already counted in `prefilling`) will wait for one."""
-        return self.decoder.num_running + len(self.waiting) + self.prefilling > self.decoder.max_seqs
+        """Whether the running, waiting and in-prefill sequences (n per request) already fill every
+        slot, so that a handoff asked for now (already counted among those in prefill) will wait."""
+        waiting = sum(r.n for r in self.waiting)
+        return self.decoder.num_running + waiting + self._prefilling_seqs > self.decoder.max_seqs
 
     def stats(self) -> dict:
         return {
@@ -180,33 +187,46 @@ class DecodeScheduler:
 
     async def _loop(self) -> None:
         while True:
-            self._drop_cancelled()
-            self._admit()
-            if not self.active:
-                self._wake.clear()
-                if not self.waiting:
-                    await self._wake.wait()
-                else:  # waiting but nothing can run: cannot happen with an empty decoder
-                    await asyncio.sleep(0.001)
-                continue
-            t0 = time.perf_counter()
             try:
-                outputs = await asyncio.to_thread(self.decoder.step)
-            except Exception as exc:  # fail every running request, keep the replica alive
-                for seq_id, req in list(self.active.items()):
-                    req.out.put_nowait(ServeError(f"decode step failed: {exc}"))
-                    self.decoder.remove(seq_id)
-                self.active.clear()
+                await self._iteration()
+            except Exception as exc:  # a bug in the bookkeeping: fail what it holds rather than hang it
+                log.exception("decode scheduler iteration failed")
+                self._fail_active(f"decode scheduler failed: {exc}")
+                while self.waiting:
+                    self.waiting.popleft().out.put_nowait(ServeError(f"decode scheduler failed: {exc}"))
+
+    def _fail_active(self, message: str) -> None:
+        for seq_id, req in list(self.active.items()):
+            req.out.put_nowait(ServeError(message))  # a request of n choices gets it n times: the first ends it
+            self.decoder.remove(seq_id)
+        self.active.clear()
+
+    async def _iteration(self) -> None:
+        """Drop the cancelled, admit what fits, run one step and hand out its tokens."""
+        self._drop_cancelled()
+        self._admit()
+        if not self.active:
+            self._wake.clear()
+            if not self.waiting:
+                await self._wake.wait()
+            else:  # waiting but nothing can run: cannot happen with an empty decoder
+                await asyncio.sleep(0.001)
+            return
+        t0 = time.perf_counter()
+        try:
+            outputs = await asyncio.to_thread(self.decoder.step)
+        except Exception as exc:  # fail every running request, keep the replica alive
+            self._fail_active(f"decode step failed: {exc}")
+            return
+        self.steps += 1
+        self.busy_seconds += time.perf_counter() - t0
+        for out in outputs:
+            req = self.active.get(out.seq_id)
+            if req is None:
                 continue
-            self.steps += 1
-            self.busy_seconds += time.perf_counter() - t0
-            for out in outputs:
-                req = self.active.get(out.seq_id)
-                if req is None:
-                    continue
-                self.tokens_out += 1
-                req.out.put_nowait(TokenEvent(out.token, out.finish_reason, logprobs=out.logprobs,
-                                              index=req.choice_of[out.seq_id]))
-                if out.finish_reason:
-                    del self.active[out.seq_id]
-            await asyncio.sleep(0)  # let arrivals and cancellations in between steps
+            self.tokens_out += 1
+            req.out.put_nowait(TokenEvent(out.token, out.finish_reason, logprobs=out.logprobs,
+                                          index=req.choice_of[out.seq_id]))
+            if out.finish_reason:
+                del self.active[out.seq_id]
+        await asyncio.sleep(0)  # let arrivals and cancellations in between steps
