@@ -436,7 +436,8 @@ class Ingress:
         if prompt.pixels:
             features = self.encoder.encode.remote(list(zip(prepared["digests"], prompt.pixels)))
         return self.decode.options(stream=True).generate.remote(
-            prompt.input_ids, prompt.mm_token_type_ids, features, prepared["params"], req.pop, req.cache_salt, req.n)
+            prompt.input_ids, prompt.mm_token_type_ids, features, prepared["params"], req.pop, req.cache_salt, req.n,
+            tuple(req.stop))
 
     async def _start(self, req, prepared, rid, t0) -> AsyncIterator[list[tuple[int, Optional[str]]]]:
         """Launch the stages and wait for the first token before answering, so that whatever fails

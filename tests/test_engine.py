@@ -73,6 +73,43 @@ def test_n_choices_decode_from_one_handoff(stage_pair):
     assert decoder.num_running == 0
 
 
+def test_a_choice_ends_at_its_stop_string_in_decode_and_frees_its_slot(stage_pair, qwen_dir):
+    """With n = 2 and a stop string that seeded choice 0 writes early, decode ends that choice at
+    the token completing it ("stop") and frees its slot, while choice 1 runs on; the Ingress, which
+    cuts the text, cannot end one choice of two by closing the stream. Without the tokenizer, stop
+    strings are refused."""
+    decoder, handoff = stage_pair
+    tokenizer = PromptBuilder(qwen_dir).tokenizer
+    seeded = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, seed=11)
+    first, second = [decoder.generate([handoff], SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, seed=s))[0]
+                     for s in (11, 12)]
+    stop = tokenizer.decode(first[1:3])  # written by choice 0 at its 2nd and 3rd tokens
+    assert stop.strip() and stop not in tokenizer.decode(second)
+    ends = [len(first[:k]) for k in range(1, len(first) + 1) if stop in tokenizer.decode(first[:k])][0]
+
+    async def run():
+        scheduler = DecodeScheduler(decoder, (), max_waiting=4, tokenizer=tokenizer)
+        got: dict[int, list] = {}
+        running = []
+        async for message in scheduler.generate(handoff, seeded, 2, (stop,)):
+            for e in message:
+                got.setdefault(e.index, []).append(e)
+            running.append(decoder.num_running)
+        return got, running, scheduler.tokens_out
+
+    got, running, decoded = asyncio.run(run())
+    assert [e.token_id for e in got[0]] == first[:ends] and got[0][-1].finish_reason == "stop"
+    assert [e.token_id for e in got[1]] == second and got[1][-1].finish_reason == "length"
+    assert decoded == ends + NEW_TOKENS and running[ends] == 1  # choice 0's slot was freed at its stop
+    with pytest.raises(ValueError, match="tokenizer"):
+        asyncio.run(_collect(DecodeScheduler(decoder, (), max_waiting=4).generate(handoff, seeded, 1, (stop,))))
+    assert decoder.num_running == 0
+
+
+async def _collect(stream) -> list:
+    return [m async for m in stream]
+
+
 @pytest.mark.parametrize("n", [1, 2])
 def test_a_stream_closed_while_its_message_fills_frees_the_slot(stage_pair, n):
     """The caller goes away (Serve closes the generator) while decode is still collecting the

@@ -591,6 +591,17 @@ def test_n_choices_whole_and_streamed_through_the_openai_client(server):
         client.chat.completions.create(**{**ask, "n": 17})  # over 16; over max_running_seqs: test_engine
     assert err.value.body["param"] == "n"
 
+    # A choice that writes a stop string ends there in decode too: decode makes no more tokens for it.
+    decode = serve.get_deployment_handle("Decode", app_name=server.app_name)
+    long = {**ask, "max_tokens": 40, "extra_body": {"ignore_eos": True}}
+    texts = [c.message.content for c in sorted(client.chat.completions.create(**long).choices, key=lambda c: c.index)]
+    stop = next(t[2:8] for t in texts if len(t) > 12 and sum(t[2:8] in u for u in texts) == 1)
+    before = decode.stats.remote().result()["tokens_out"]
+    stopped = client.chat.completions.create(**long, stop=[stop])
+    made = decode.stats.remote().result()["tokens_out"] - before
+    reasons = sorted(c.finish_reason for c in stopped.choices)
+    assert reasons == ["length", "length", "stop"] and made == stopped.usage.completion_tokens < 3 * 40 - 20
+
 
 def _question(i: int) -> str:
     """The i-th of 16 text prompts of growing length (about 1300 tokens together)."""

@@ -30,20 +30,21 @@ class DecodeStage:
         decoder = FullDecoder(self.cfg.model, self.cfg.pop_ratio, self.cfg.dtype, self.cfg.device,
                               max_seqs=eng.max_running_seqs, max_seq_len=eng.max_seq_len,
                               cuda_graphs=eng.cuda_graphs)
-        stop_ids = PromptBuilder(self.cfg.model).eos_token_ids
-        self.scheduler = DecodeScheduler(decoder, stop_ids, eng.max_waiting, eng.stream_interval)
+        builder = PromptBuilder(self.cfg.model)
+        self.scheduler = DecodeScheduler(decoder, builder.eos_token_ids, eng.max_waiting, eng.stream_interval,
+                                         builder.tokenizer)
         self.metrics = StageMetrics("decode", self.scheduler.stats)
         self.location = gpu_location()  # prefill replicas on this GPU hand KV over by CUDA IPC
 
     async def generate(self, input_ids: torch.Tensor, mm_token_type_ids: Optional[torch.Tensor],
                        features: Optional[list[ImageFeatures]], params: dict, pop: bool = True,
-                       cache_salt: Optional[str] = None, n: int = 1) -> AsyncIterator[list]:
+                       cache_salt: Optional[str] = None, n: int = 1, stop: tuple[str, ...] = ()) -> AsyncIterator[list]:
         # Decode asks for the prefill itself, so that the KV handoff is this replica's object in
         # Ray's store and is freed as soon as the KV is in the pool. Handed in by the Ingress, it
         # would stay pinned as an argument of this stream until its last token: a second copy of
         # every running prompt's KV in the store (tests/test_service.py, the handoff's lifetime).
         handoff = self._prefill(pop, cache_salt, input_ids, mm_token_type_ids, features)  # awaited by the scheduler
-        async for items in self.scheduler.generate(handoff, SamplingParams(**params), n):
+        async for items in self.scheduler.generate(handoff, SamplingParams(**params), n, stop):
             yield items
 
     async def _prefill(self, pop: bool, cache_salt: Optional[str], *args) -> KVHandoff:

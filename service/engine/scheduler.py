@@ -21,6 +21,7 @@ from popserve.models.kv import HandoffMismatch, KVHandoff
 from popserve.models.sampling import SamplingParams, TokenLogprobs
 
 from ..errors import BadRequest, Overloaded, ServeError
+from .detokenize import Detokenizer
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,24 @@ class _Request:
     out: asyncio.Queue
     n: int = 1  # choices: sequences decoded from the one handoff
     choice_of: dict[int, int] = field(default_factory=dict)  # seq_id -> choice index, once admitted
+    stop_texts: list[Detokenizer] = field(default_factory=list)  # one per choice, with stop strings
     cancelled: bool = False
     arrived: float = field(default_factory=time.monotonic)
+
+    def stopped_by_text(self, index: int, token_id: int) -> bool:
+        """Whether this token completes a stop string in choice `index`'s text."""
+        if not self.stop_texts:
+            return False
+        detok = self.stop_texts[index]
+        detok.feed(token_id)
+        return detok.stopped
 
 
 class DecodeScheduler:
     def __init__(self, decoder: FullDecoder, stop_token_ids: tuple[int, ...], max_waiting: int,
-                 stream_interval: int = 1):
+                 stream_interval: int = 1, tokenizer=None):
         self.decoder = decoder
+        self.tokenizer = tokenizer  # for stop strings
         self.stop_token_ids = stop_token_ids
         self.max_waiting = max_waiting
         self.stream_interval = stream_interval
@@ -67,13 +78,15 @@ class DecodeScheduler:
 
     # ---- API for the deployment ------------------------------------------------------------
     async def generate(self, handoff: Union[KVHandoff, Awaitable[KVHandoff]],
-                       params: SamplingParams, n: int = 1) -> AsyncIterator[list]:
+                       params: SamplingParams, n: int = 1, stop: tuple[str, ...] = ()) -> AsyncIterator[list]:
         """Yields lists of TokenEvents as steps produce them: the first list as soon as there is
         a token (TTFT), then lists of at least stream_interval tokens (fewer only at the end),
         longer when the caller reads slower than the steps come. The first token's event also says
         how many prompt tokens the prefill took from its prefix cache. With n > 1, n sequences
         decode from the one handoff (the prompt is prefilled once), their events told apart by
-        `index`, and the stream ends when all n have finished.
+        `index`, and the stream ends when all n have finished. A choice whose text reaches one of
+        the `stop` strings ends there ("stop"), its slot freed at once: the Ingress, which cuts the
+        text, cannot end one choice of several by closing the stream.
 
         `handoff` may still be coming (an awaitable: the prefill this replica asked for). The
         queue bound is checked first, so a full decode turns a request away before any prefill
@@ -84,7 +97,9 @@ class DecodeScheduler:
         # not asking can_admit(), keeps a burst that lands between two steps within the bound.
         free = max(0, dec.max_seqs - dec.num_running)
         refused = None
-        if not 1 <= n <= dec.max_seqs:  # n choices run together: more than the slots never could
+        if stop and self.tokenizer is None:
+            refused = ValueError("stop strings need the scheduler's tokenizer")
+        elif not 1 <= n <= dec.max_seqs:  # n choices run together: more than the slots never could
             refused = BadRequest(f"n must be in [1, {dec.max_seqs}] (engine.max_running_seqs)", param="n")
         elif len(self.waiting) + self.prefilling + n - 1 >= self.max_waiting + free:
             refused = Overloaded(f"decode is full: {dec.num_running} running, {len(self.waiting)} waiting, "
@@ -109,7 +124,8 @@ class DecodeScheduler:
             raise BadRequest(f"prompt ({handoff.prompt_tokens} tokens) + max_tokens ({params.max_new_tokens}) "
                              f"exceeds the context length {dec.max_seq_len}", param="max_tokens",
                              code="context_length_exceeded")
-        req = _Request(handoff, params, asyncio.Queue(), n)
+        req = _Request(handoff, params, asyncio.Queue(), n,
+                       stop_texts=[Detokenizer(self.tokenizer, list(stop)) for _ in range(n)] if stop else [])
         cached = handoff.cached_tokens
         del handoff  # the request holds it until admission copies the KV into the pool
         self.waiting.append(req)
@@ -225,8 +241,12 @@ class DecodeScheduler:
             if req is None:
                 continue
             self.tokens_out += 1
-            req.out.put_nowait(TokenEvent(out.token, out.finish_reason, logprobs=out.logprobs,
-                                          index=req.choice_of[out.seq_id]))
-            if out.finish_reason:
+            index = req.choice_of[out.seq_id]
+            reason = out.finish_reason
+            if req.stopped_by_text(index, out.token) and not reason:
+                reason = "stop"
+                self.decoder.remove(out.seq_id)  # still running in the decoder: its slot is free now
+            req.out.put_nowait(TokenEvent(out.token, reason, logprobs=out.logprobs, index=index))
+            if reason:
                 del self.active[out.seq_id]
         await asyncio.sleep(0)  # let arrivals and cancellations in between steps
