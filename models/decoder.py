@@ -30,7 +30,7 @@ from .kv import KVHandoff, pop_fingerprint
 from .loading import fast_cpu_linears, load_checkpoint, param_bytes, release
 from .masks import decode_masks
 from .pop import skipped_layer_count
-from .sampling import SamplingParams, TokenLogprobs, sample
+from .sampling import SamplingParams, TokenLogprobs, sample, seen_tokens
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Sequence:
     prompt_tokens: int
     generator: Optional[torch.Generator]
     stop_ids: frozenset
-    prompt_ids: Optional[torch.Tensor] = None  # the prompt's distinct tokens, kept for repetition_penalty only
+    seen: Optional[torch.Tensor] = None  # prompt and answer tokens as a vocabulary mask, for repetition_penalty only
     generated: list[int] = field(default_factory=list)
 
 
@@ -147,13 +147,13 @@ class FullDecoder:
         slot = len(self.running)
         self.pool[:, :, slot, :, :n] = handoff.kv.to(self.device)
         ends = frozenset(() if params.ignore_eos else stop_token_ids) | frozenset(params.stop_token_ids)
-        prompt_ids = None
+        seen = None
         if params.repetition_penalty != 1.0:
             if handoff.prompt_ids is None:
                 raise ValueError("repetition_penalty needs the prompt's token ids, and this handoff has none")
-            prompt_ids = handoff.prompt_ids.unique()
+            seen = seen_tokens(handoff.prompt_ids, self.lm_head.out_features, self.device)
         seq = Sequence(next(self._ids), params, n, handoff.last_token, handoff.rope_delta, n + 1,
-                       params.generator(), ends, prompt_ids)
+                       params.generator(), ends, seen)
         self.running.append(seq)
         return seq.seq_id
 
@@ -245,12 +245,14 @@ class FullDecoder:
         seqs = self.running
         chosen, logprobs = sample(self.next_logits(), [s.params for s in seqs], [s.generator for s in seqs],
                                   [s.generated for s in seqs], [s.stop_ids for s in seqs],
-                                  [s.prompt_ids for s in seqs])
+                                  [s.seen for s in seqs])
 
         outputs, done = [], []
         for seq, tok, lp in zip(seqs, chosen, logprobs):
             seq.length += 1
             seq.generated.append(tok)
+            if seq.seen is not None:
+                seq.seen[tok] = True
             seq.next_token = tok
             reason = None
             if tok in seq.stop_ids:

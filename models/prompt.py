@@ -31,10 +31,11 @@ class PromptBuilder:
 
         model_dir = resolve_model_dir(model)
         detect_family(model_dir)  # CheckpointError for a missing/corrupt config or unsupported model_type
-        self.family = family_for(AutoConfig.from_pretrained(model_dir))
+        config = AutoConfig.from_pretrained(model_dir)
+        self.family = family_for(config)
         self.processor = AutoProcessor.from_pretrained(model_dir)
         self.tokenizer = self.processor.tokenizer
-        self._read_generation_config(model_dir)  # eos_token_ids, sampling_defaults
+        self._read_generation_config(model_dir, config)  # eos_token_ids, sampling_defaults
         # Text that spells a control token (<|im_start|>, <start_of_turn>, ...) would become that
         # token: a user could forge turns or image slots. Control tokens: the tokenizer's named
         # special tokens and the special tokens its chat template writes (not every added token:
@@ -55,7 +56,7 @@ class PromptBuilder:
         merges at most a few characters into one (hence the margin of 4)."""
         return sum(map(len, texts)) // (4 * self.max_token_chars)
 
-    def _read_generation_config(self, model_dir: Path) -> None:
+    def _read_generation_config(self, model_dir: Path, config) -> None:
         """End-of-answer ids, and the sampling values the checkpoint itself sets in
         generation_config.json (not transformers' defaults): real Qwen3-VL asks for top_k 20,
         top_p 0.8, temperature 0.7; Gemma-3 for top_k 64, top_p 0.95. vLLM applies them to what a
@@ -64,12 +65,12 @@ class PromptBuilder:
 
         try:
             gen = GenerationConfig.from_pretrained(model_dir)
-        except OSError:
-            gen = None
-        eos = gen.eos_token_id if gen else None
+        except OSError:  # no generation_config.json: what config.json says, as transformers and vLLM do
+            gen = GenerationConfig.from_model_config(config)
+        eos = gen.eos_token_id
         ids = {self.tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos])
         self.eos_token_ids = tuple(sorted(i for i in ids if i is not None))
-        set_here = gen.to_diff_dict() if gen else {}
+        set_here = gen.to_diff_dict()
         self.sampling_defaults = {k: set_here[k] for k in GENERATION_CONFIG_FIELDS if set_here.get(k) is not None}
 
     def render(self, messages: list[dict]) -> str:

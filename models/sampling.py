@@ -82,25 +82,37 @@ class TokenLogprobs:
     top: tuple[tuple[int, float], ...]  # (token id, log-probability), likeliest first
 
 
+def seen_tokens(prompt_ids: torch.Tensor, vocab_size: int, device) -> torch.Tensor:
+    """A boolean mask over the vocabulary of the prompt's tokens, for repetition_penalty; the
+    decoder marks each generated token in it too, so that a step costs no search of the ids."""
+    mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    mask[prompt_ids.to(device, torch.long)] = True
+    return mask
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
            generated: Optional[list[list[int]]] = None,
            stop_ids: Optional[list[frozenset]] = None,
-           prompt_ids: Optional[list[Optional[torch.Tensor]]] = None) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
+           seen: Optional[list[Optional[torch.Tensor]]] = None) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
     """logits [B, V] (float32) -> one token id per row, and per row its log-probabilities when
     asked for. `generated`: each row's tokens so far, for the penalties; `stop_ids`: each row's
-    stop tokens, held back until min_tokens; `prompt_ids`: each row's prompt tokens, for
-    repetition_penalty (needed only by the rows that ask for it).
+    stop tokens, held back until min_tokens; `seen`: each row's tokens of prompt and answer as a
+    mask (seen_tokens), for repetition_penalty (needed only by the rows that ask for it).
 
-    Log-probabilities are the model's own distribution (log-softmax of its logits, before bias,
-    penalties, temperature, top-k and top-p), as vLLM returns them by default."""
+    After the logit changes, vLLM's order: temperature, min_p, top-k, top-p. Log-probabilities
+    are the model's own distribution (log-softmax of its logits, before bias, penalties,
+    temperature, top-k and top-p), as vLLM returns them by default."""
     want = [row for row, p in enumerate(params) if p.logprobs is not None]
     logp = torch.log_softmax(logits[want].float(), -1).cpu() if want else None
-    logits = adjust_logits(logits, params, generated or [[] for _ in params], stop_ids, prompt_ids)
+    logits = adjust_logits(logits, params, generated or [[] for _ in params], stop_ids, seen)
     out = logits.argmax(-1).tolist()
     for row, (p, gen) in enumerate(zip(params, generators)):
         if p.greedy:
             continue
         x = logits[row].float().cpu() / p.temperature  # the seeded generator lives on the CPU
+        if p.min_p:
+            probs = torch.softmax(x, -1)
+            x = x.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
         if p.top_k:
             kth = torch.topk(x, min(p.top_k, x.numel())).values[-1]
             x = x.masked_fill(x < kth, float("-inf"))
@@ -110,8 +122,6 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
             drop = cum - torch.softmax(sorted_x, -1) >= p.top_p  # keep the smallest prefix reaching top_p
             x = x.scatter(0, idx[drop], float("-inf"))
         probs = torch.softmax(x, -1)
-        if p.min_p:
-            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)  # multinomial renormalizes
         out[row] = int(torch.multinomial(probs, 1, generator=gen).item())
     logprobs: list[Optional[TokenLogprobs]] = [None] * len(params)
     for i, row in enumerate(want):
@@ -122,7 +132,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
 
 def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], generated: list[list[int]],
                   stop_ids: Optional[list[frozenset]] = None,
-                  prompt_ids: Optional[list[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+                  seen: Optional[list[Optional[torch.Tensor]]] = None) -> torch.Tensor:
     """Logit bias, the penalties and min_tokens, on a copy, for the rows that ask."""
     stop_ids = stop_ids or [frozenset()] * len(params)
     early = [len(generated[row]) < p.min_tokens and bool(stop_ids[row]) for row, p in enumerate(params)]
@@ -138,12 +148,10 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], generated:
             ids = torch.tensor(list(p.logit_bias), device=x.device)
             x.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=x.dtype, device=x.device))
         if p.repetition_penalty != 1.0:  # after the bias, before presence / frequency: vLLM's order
-            if prompt_ids is None or prompt_ids[row] is None:
-                raise ValueError("repetition_penalty needs the prompt's token ids")
-            seen = torch.cat((prompt_ids[row].to(x.device, torch.long), torch.tensor(generated[row], dtype=torch.long,
-                                                                           device=x.device))).unique()
-            was = x[seen]
-            x[seen] = torch.where(was > 0, was / p.repetition_penalty, was * p.repetition_penalty)
+            if seen is None or seen[row] is None:
+                raise ValueError("repetition_penalty needs the tokens seen so far (seen_tokens)")
+            penalised = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+            x.copy_(torch.where(seen[row], penalised, x))
         if generated[row] and (p.presence_penalty or p.frequency_penalty):
             counts = torch.bincount(torch.tensor(generated[row], device=x.device), minlength=x.numel())[: x.numel()]
             x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)

@@ -151,7 +151,7 @@ class _Choices:
 
     def __init__(self, tokenizer, req: ChatCompletionRequest, logprobs_of):
         self.logprobs_of = logprobs_of  # TokenEvents -> their logprobs entries (Ingress._logprobs)
-        self.detoks = [Detokenizer(tokenizer, req.stop) for _ in range(req.n)]
+        self.detoks = [Detokenizer(tokenizer, req.stop, req.min_tokens) for _ in range(req.n)]
         self.counts = [0] * req.n
         self.reasons: list[Optional[str]] = [None] * req.n
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(req.n)]

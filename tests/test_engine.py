@@ -84,7 +84,7 @@ def test_a_choice_ends_at_its_stop_string_in_decode_and_frees_its_slot(stage_pai
     first, second = [decoder.generate([handoff], SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, seed=s))[0]
                      for s in (11, 12)]
     stop = tokenizer.decode(first[1:3])  # written by choice 0 at its 2nd and 3rd tokens
-    assert stop.strip() and stop not in tokenizer.decode(second)
+    assert stop.strip() and "\ufffd" not in stop and stop not in tokenizer.decode(second)
     ends = [len(first[:k]) for k in range(1, len(first) + 1) if stop in tokenizer.decode(first[:k])][0]
 
     async def run():
@@ -133,6 +133,7 @@ def test_a_stream_closed_while_its_message_fills_frees_the_slot(stage_pair, n):
     assert 1 <= len(first) <= n and running_before == n and running_after == 0
     assert steps < 200  # it did not run to max_new_tokens
 
+
 def test_detokenizer_takes_a_message_up_to_its_stop_string(qwen_dir):
     """feed_message turns a message of several tokens into text: all of it without a stop, the
     text before the stop string (and the tokens up to the one that completed it) with one."""
@@ -149,6 +150,18 @@ def test_detokenizer_takes_a_message_up_to_its_stop_string(qwen_dir):
     assert tokenizer.decode(ids[:used]).endswith("blue") and not tokenizer.decode(ids[:used - 1]).endswith("blue")
     last = Detokenizer(tokenizer, [])
     assert last.feed_message(items[:2] + [(ids[2], "length")]) == (tokenizer.decode(ids[:3]), 3, "length")
+
+
+def test_stop_strings_count_from_min_tokens_on(qwen_dir):
+    """vLLM's min_tokens: no stop string ends an answer before it has that many tokens; one
+    written later still does."""
+    tokenizer = PromptBuilder(qwen_dir).tokenizer
+    text = "the red circle is left of the blue square"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    items = [(i, None) for i in ids[:-1]] + [(ids[-1], "length")]
+    assert Detokenizer(tokenizer, ["red"]).feed_message(items)[0] == "the "
+    assert Detokenizer(tokenizer, ["red"], min_tokens=5).feed_message(items) == (text, len(ids), "length")
+    assert Detokenizer(tokenizer, ["red", "blue"], min_tokens=5).feed_message(items)[0] == "the red circle is left of the "
 
 
 def test_the_earliest_stop_string_wins_whatever_their_order(qwen_dir):

@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from popserve.models.decoder import DecoderFull, FullDecoder  # noqa: E402
 from popserve.models.prefill import PrefillRequest, PrunedPrefill  # noqa: E402
 from popserve.models.prompt import PromptBuilder  # noqa: E402
-from popserve.models.sampling import SamplingParams, adjust_logits, sample  # noqa: E402
+from popserve.models.sampling import SamplingParams, adjust_logits, sample, seen_tokens  # noqa: E402
 
 SEEDED = dict(temperature=0.8, top_p=0.9, top_k=20, seed=7)
 PROMPTS = [
@@ -207,31 +207,40 @@ def test_penalties_count_the_generated_tokens():
 
 def test_repetition_penalty_and_min_p_are_transformers_own():
     """repetition_penalty over the prompt's and the answer's tokens, and min_p, give what
-    transformers' RepetitionPenaltyLogitsProcessor and MinPLogitsWarper give; the penalty needs the
-    prompt's ids, and a row that does not ask is left alone."""
+    transformers' RepetitionPenaltyLogitsProcessor and MinPLogitsWarper give; min_p comes before
+    top-k and top-p (vLLM's order); the penalty needs the tokens seen, and a row that does not ask
+    is left alone."""
     from transformers import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 40, generator=gen) * 3
     prompt, answer = torch.tensor([3, 5, 5, 17, 30]), [[9, 3, 21], []]
+    seen = seen_tokens(prompt, 40, "cpu")
+    seen[answer[0]] = True  # as the decoder marks each generated token
     for penalty in (1.3, 0.7):
         params = [SamplingParams(repetition_penalty=penalty), SamplingParams()]
-        ours = adjust_logits(logits, params, answer, prompt_ids=[prompt, None])
+        ours = adjust_logits(logits, params, answer, seen=[seen, None])
         ids = torch.cat((prompt, torch.tensor(answer[0])))[None]
         assert torch.equal(ours[0], RepetitionPenaltyLogitsProcessor(penalty)(ids, logits[:1].clone())[0])
         assert torch.equal(ours[1], logits[1])
-    with pytest.raises(ValueError, match="prompt's token ids"):
+    with pytest.raises(ValueError, match="seen"):
         adjust_logits(logits[:1], [SamplingParams(repetition_penalty=1.3)], [[]])
+
+    def drawn(small, **params) -> set[int]:
+        p = SamplingParams(temperature=0.9, seed=1, **params)
+        g = p.generator()
+        return {sample(small, [p], [g])[0][0] for _ in range(600)}
 
     small = torch.tensor([[4.0, 3.5, 3.0, 1.0, 0.0, -1.0]])
     sizes = []
     for min_p in (0.03, 0.3, 0.7, 1.0):
         allowed = set(MinPLogitsWarper(min_p)(None, small / 0.9)[0].isfinite().nonzero().flatten().tolist())
-        p = SamplingParams(temperature=0.9, min_p=min_p, seed=1)
-        g = p.generator()
-        assert {sample(small, [p], [g])[0][0] for _ in range(600)} == allowed, min_p
+        assert drawn(small, min_p=min_p) == allowed, min_p
         sizes.append(len(allowed))
     assert sizes == [4, 3, 1, 1]
+    # probabilities .4 .3 .2 .1: min_p 0.3 first drops token 3, then top_p 0.75 of the rest keeps two;
+    # top_p first would keep three, and min_p would not drop the third.
+    assert drawn(torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log() * 0.9, min_p=0.3, top_p=0.75) == {0, 1}
 
 
 def test_a_decoder_applies_bias_and_penalties_per_sequence(stack):

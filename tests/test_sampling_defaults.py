@@ -50,6 +50,18 @@ def test_the_model_sets_what_a_request_leaves_unset(model_dir, qwen_dir, tmp_pat
     assert sampling(top_k=None, temperature=0.2) == {**openai, "top_k": 1, "temperature": 0.2}  # null is unset
     assert sampling(top_k=0, top_p=0.5, min_p=0.1) == {**openai, "temperature": 0.9, "top_p": 0.5, "min_p": 0.1}
 
+    # Values a file sets are the model's even where they equal transformers' old defaults.
+    assert PromptBuilder(with_generation_config(qwen_dir, tmp_path / "plain", temperature=1.0, top_k=50,
+                                                repetition_penalty=1.0)).sampling_defaults == \
+        {"temperature": 1.0, "top_k": 50, "repetition_penalty": 1.0}
+    # Without generation_config.json, what config.json says (transformers' and vLLM's fallback):
+    # its end-of-turn ids, and no sampling values (transformers 5 keeps none from config.json).
+    bare = tmp_path / "bare"
+    shutil.copytree(qwen_dir, bare)
+    (bare / "generation_config.json").unlink()
+    assert PromptBuilder(bare).sampling_defaults == {}
+    assert PromptBuilder(bare).eos_token_ids == PromptBuilder(qwen_dir).eos_token_ids
+
     bad = PromptBuilder(with_generation_config(qwen_dir, tmp_path / "bad", repetition_penalty=3.0))
     with pytest.raises(ValueError, match="generation_config.json: repetition_penalty"):
         sampling_defaults(bad, "model")

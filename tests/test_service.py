@@ -595,7 +595,9 @@ def test_n_choices_whole_and_streamed_through_the_openai_client(server):
     decode = serve.get_deployment_handle("Decode", app_name=server.app_name)
     long = {**ask, "max_tokens": 40, "extra_body": {"ignore_eos": True}}
     texts = [c.message.content for c in sorted(client.chat.completions.create(**long).choices, key=lambda c: c.index)]
-    stop = next(t[2:8] for t in texts if len(t) > 12 and sum(t[2:8] in u for u in texts) == 1)
+    stops = [t[2:8] for t in texts if len(t) > 12 and sum(t[2:8] in u for u in texts) == 1]
+    assert stops, f"no choice has a start of its own to stop at: {texts}"
+    stop = stops[0]
     before = decode.stats.remote().result()["tokens_out"]
     stopped = client.chat.completions.create(**long, stop=[stop])
     made = decode.stats.remote().result()["tokens_out"] - before

@@ -31,9 +31,10 @@ class Detokenizer:
     stripped leading space) see the same first token as before. Tested against whole decodes on
     byte-level and byte-fallback tokenizers (tests/test_engine.py)."""
 
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self, tokenizer, stop: list[str], min_tokens: int = 0):
         self.tokenizer = tokenizer
         self.stop = stop
+        self.min_tokens = min_tokens  # vLLM's: no stop string ends an answer of fewer tokens
         self.ids: list[int] = []
         self.text = ""  # decoded so far
         self.sent = 0  # characters already returned
@@ -80,6 +81,8 @@ class Detokenizer:
 
     def _cut_at_stop(self) -> bool:
         """End the text before the earliest stop string in it, whatever their order in the request."""
+        if len(self.ids) < self.min_tokens:
+            return False
         found = [at for s in self.stop if (at := self.text.find(s, max(0, self.sent - len(s)))) != -1]
         if found:
             self.stopped = True

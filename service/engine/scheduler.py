@@ -125,7 +125,7 @@ class DecodeScheduler:
                              f"exceeds the context length {dec.max_seq_len}", param="max_tokens",
                              code="context_length_exceeded")
         req = _Request(handoff, params, asyncio.Queue(), n,
-                       stop_texts=[Detokenizer(self.tokenizer, list(stop)) for _ in range(n)] if stop else [])
+                       stop_texts=[Detokenizer(self.tokenizer, list(stop), params.min_tokens) for _ in range(n)] if stop else [])
         cached = handoff.cached_tokens
         del handoff  # the request holds it until admission copies the KV into the pool
         self.waiting.append(req)
@@ -190,14 +190,13 @@ class DecodeScheduler:
                     params = req.params if req.params.seed is None or not index else \
                         dataclasses.replace(req.params, seed=req.params.seed + index)
                     req.choice_of[self.decoder.add(req.handoff, params, self.stop_token_ids)] = index
+                self.handoffs += 1
+                self.handoff_bytes += req.handoff.nbytes
+                self.handoff_seconds += max(0.0, time.time() - req.handoff.created_at)
             except Exception as exc:  # a bad handoff fails its own request only
-                for seq_id in req.choice_of:
-                    self.decoder.remove(seq_id)
+                self._remove(req.choice_of)
                 req.out.put_nowait(exc)
                 continue
-            self.handoffs += 1
-            self.handoff_bytes += req.handoff.nbytes
-            self.handoff_seconds += max(0.0, time.time() - req.handoff.created_at)
             req.handoff = None  # the pool holds the KV now; let the shared-memory buffer go
             self.active.update(dict.fromkeys(req.choice_of, req))
 
@@ -207,15 +206,25 @@ class DecodeScheduler:
                 await self._iteration()
             except Exception as exc:  # a bug in the bookkeeping: fail what it holds rather than hang it
                 log.exception("decode scheduler iteration failed")
-                self._fail_active(f"decode scheduler failed: {exc}")
+                error = ServeError(f"decode scheduler failed: {exc}")
                 while self.waiting:
-                    self.waiting.popleft().out.put_nowait(ServeError(f"decode scheduler failed: {exc}"))
+                    self.waiting.popleft().out.put_nowait(error)
+                self._fail_active(error)
+                await asyncio.sleep(0.01)  # a fault that repeats must not hold the event loop
 
-    def _fail_active(self, message: str) -> None:
-        for seq_id, req in list(self.active.items()):
-            req.out.put_nowait(ServeError(message))  # a request of n choices gets it n times: the first ends it
-            self.decoder.remove(seq_id)
+    def _fail_active(self, error: ServeError) -> None:
+        for req in {id(r): r for r in self.active.values()}.values():
+            req.out.put_nowait(error)
+        self._remove(list(self.active))
         self.active.clear()
+
+    def _remove(self, seq_ids) -> None:
+        """Free these sequences' slots, each on its own: one that fails to go does not keep the others."""
+        for seq_id in seq_ids:
+            try:
+                self.decoder.remove(seq_id)
+            except Exception:
+                log.exception("could not free decode sequence %s", seq_id)
 
     async def _iteration(self) -> None:
         """Drop the cancelled, admit what fits, run one step and hand out its tokens."""
@@ -232,7 +241,7 @@ class DecodeScheduler:
         try:
             outputs = await asyncio.to_thread(self.decoder.step)
         except Exception as exc:  # fail every running request, keep the replica alive
-            self._fail_active(f"decode step failed: {exc}")
+            self._fail_active(ServeError(f"decode step failed: {exc}"))
             return
         self.steps += 1
         self.busy_seconds += time.perf_counter() - t0
