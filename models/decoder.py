@@ -30,7 +30,7 @@ from .kv import KVHandoff, pop_fingerprint
 from .loading import fast_cpu_linears, load_checkpoint, param_bytes, release
 from .masks import decode_masks
 from .pop import skipped_layer_count
-from .sampling import SamplingParams, TokenLogprobs, sample, seen_tokens
+from .sampling import SamplingParams, SeenTokens, TokenLogprobs, sample
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Sequence:
     prompt_tokens: int
     generator: Optional[torch.Generator]
     stop_ids: frozenset
-    seen: Optional[torch.Tensor] = None  # prompt and answer tokens as a vocabulary mask, for repetition_penalty only
+    seen: Optional[SeenTokens] = None  # prompt and answer tokens, kept for repetition_penalty only
     generated: list[int] = field(default_factory=list)
 
 
@@ -151,7 +151,7 @@ class FullDecoder:
         if params.repetition_penalty != 1.0:
             if handoff.prompt_ids is None:
                 raise ValueError("repetition_penalty needs the prompt's token ids, and this handoff has none")
-            seen = seen_tokens(handoff.prompt_ids, self.lm_head.out_features, self.device)
+            seen = SeenTokens(handoff.prompt_ids, self.device)
         seq = Sequence(next(self._ids), params, n, handoff.last_token, handoff.rope_delta, n + 1,
                        params.generator(), ends, seen)
         self.running.append(seq)
@@ -252,7 +252,7 @@ class FullDecoder:
             seq.length += 1
             seq.generated.append(tok)
             if seq.seen is not None:
-                seq.seen[tok] = True
+                seq.seen.add(tok)
             seq.next_token = tok
             reason = None
             if tok in seq.stop_ids:

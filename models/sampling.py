@@ -82,22 +82,28 @@ class TokenLogprobs:
     top: tuple[tuple[int, float], ...]  # (token id, log-probability), likeliest first
 
 
-def seen_tokens(prompt_ids: torch.Tensor, vocab_size: int, device) -> torch.Tensor:
-    """A boolean mask over the vocabulary of the prompt's tokens, for repetition_penalty; the
-    decoder marks each generated token in it too, so that a step costs no search of the ids."""
-    mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-    mask[prompt_ids.to(device, torch.long)] = True
-    return mask
+class SeenTokens:
+    """The distinct tokens of a sequence's prompt and answer so far, on the logits' device, for
+    repetition_penalty: a step then touches those logits only, not the whole vocabulary."""
+
+    def __init__(self, prompt_ids: torch.Tensor, device):
+        self.ids = prompt_ids.to(device, torch.long).unique()
+        self._known = set(self.ids.tolist())
+
+    def add(self, token: int) -> None:
+        if token not in self._known:
+            self._known.add(token)
+            self.ids = torch.cat((self.ids, self.ids.new_tensor([token])))
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
            generated: Optional[list[list[int]]] = None,
            stop_ids: Optional[list[frozenset]] = None,
-           seen: Optional[list[Optional[torch.Tensor]]] = None) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
+           seen: Optional[list[Optional[SeenTokens]]] = None) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
     """logits [B, V] (float32) -> one token id per row, and per row its log-probabilities when
     asked for. `generated`: each row's tokens so far, for the penalties; `stop_ids`: each row's
-    stop tokens, held back until min_tokens; `seen`: each row's tokens of prompt and answer as a
-    mask (seen_tokens), for repetition_penalty (needed only by the rows that ask for it).
+    stop tokens, held back until min_tokens; `seen`: each row's SeenTokens, for repetition_penalty
+    (needed only by the rows that ask for it).
 
     After the logit changes, vLLM's order: temperature, min_p, top-k, top-p. Log-probabilities
     are the model's own distribution (log-softmax of its logits, before bias, penalties,
@@ -132,7 +138,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
 
 def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], generated: list[list[int]],
                   stop_ids: Optional[list[frozenset]] = None,
-                  seen: Optional[list[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+                  seen: Optional[list[Optional[SeenTokens]]] = None) -> torch.Tensor:
     """Logit bias, the penalties and min_tokens, on a copy, for the rows that ask."""
     stop_ids = stop_ids or [frozenset()] * len(params)
     early = [len(generated[row]) < p.min_tokens and bool(stop_ids[row]) for row, p in enumerate(params)]
@@ -149,9 +155,10 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], generated:
             x.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=x.dtype, device=x.device))
         if p.repetition_penalty != 1.0:  # after the bias, before presence / frequency: vLLM's order
             if seen is None or seen[row] is None:
-                raise ValueError("repetition_penalty needs the tokens seen so far (seen_tokens)")
-            penalised = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
-            x.copy_(torch.where(seen[row], penalised, x))
+                raise ValueError("repetition_penalty needs the tokens seen so far (SeenTokens)")
+            ids = seen[row].ids
+            was = x[ids]
+            x[ids] = torch.where(was > 0, was / p.repetition_penalty, was * p.repetition_penalty)
         if generated[row] and (p.presence_penalty or p.frequency_penalty):
             counts = torch.bincount(torch.tensor(generated[row], device=x.device), minlength=x.numel())[: x.numel()]
             x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)

@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from popserve.models.decoder import DecoderFull, FullDecoder  # noqa: E402
 from popserve.models.prefill import PrefillRequest, PrunedPrefill  # noqa: E402
 from popserve.models.prompt import PromptBuilder  # noqa: E402
-from popserve.models.sampling import SamplingParams, adjust_logits, sample, seen_tokens  # noqa: E402
+from popserve.models.sampling import SamplingParams, SeenTokens, adjust_logits, sample  # noqa: E402
 
 SEEDED = dict(temperature=0.8, top_p=0.9, top_k=20, seed=7)
 PROMPTS = [
@@ -215,8 +215,10 @@ def test_repetition_penalty_and_min_p_are_transformers_own():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 40, generator=gen) * 3
     prompt, answer = torch.tensor([3, 5, 5, 17, 30]), [[9, 3, 21], []]
-    seen = seen_tokens(prompt, 40, "cpu")
-    seen[answer[0]] = True  # as the decoder marks each generated token
+    seen = SeenTokens(prompt, "cpu")
+    for token in answer[0]:  # as the decoder adds each generated token
+        seen.add(token)
+    assert sorted(seen.ids.tolist()) == [3, 5, 9, 17, 21, 30]
     for penalty in (1.3, 0.7):
         params = [SamplingParams(repetition_penalty=penalty), SamplingParams()]
         ours = adjust_logits(logits, params, answer, seen=[seen, None])
