@@ -153,6 +153,30 @@ def test_sample_respects_top_k_and_top_p():
     assert sample(logits, [SamplingParams()], [None]) == ([0], [None])  # greedy, no logprobs asked
 
 
+def test_sampled_tokens_follow_the_distribution_transformers_warpers_define():
+    """Over 6000 draws, each token's frequency is its probability after transformers' own warpers
+    in vLLM's order (temperature, min_p, top-k, top-p), for combinations of them; a seed repeats
+    its draws."""
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(1, 12, generator=torch.Generator().manual_seed(3)) * 2
+    for kw in (dict(temperature=0.7), dict(temperature=1.3, top_k=5), dict(temperature=1.0, top_p=0.7),
+               dict(temperature=0.8, top_k=6, top_p=0.8), dict(temperature=1.0, min_p=0.2, top_p=0.9)):
+        x = TemperatureLogitsWarper(kw["temperature"])(None, logits.clone())
+        for name, warper in (("min_p", MinPLogitsWarper), ("top_k", TopKLogitsWarper), ("top_p", TopPLogitsWarper)):
+            if name in kw:
+                x = warper(kw[name])(None, x)
+        want = torch.softmax(x[0], -1)
+        p = SamplingParams(seed=9, **kw)
+        gen = p.generator()
+        draws = torch.tensor([sample(logits, [p], [gen])[0][0] for _ in range(6000)])
+        freq = torch.bincount(draws, minlength=12) / 6000
+        assert (freq - want).abs().max() < 0.025, (kw, freq, want)
+        assert bool(((want == 0) <= (freq == 0)).all()), kw  # nothing outside the kept tokens
+        again = p.generator()
+        assert [sample(logits, [p], [again])[0][0] for _ in range(50)] == draws[:50].tolist()
+
+
 def test_unseeded_sampling_leaves_global_rng_alone():
     """Regression: an unseeded request used to call torch.seed(), re-seeding the process-wide RNG
     (breaking every seeded computation that shares the process)."""
