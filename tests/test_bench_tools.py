@@ -111,6 +111,16 @@ def test_detokenize_bench_checks_equal_texts_and_reports_each_length(qwen_dir, t
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
 
 
+def test_sampler_bench_times_both_samplers_for_each_case(tmp_path):
+    import sampler
+
+    out = tmp_path / "sampler.md"
+    sampler.main(["--vocab", "64,96", "--batch", "2", "--repeats", "1", "--out", str(out)])
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line[:4] in ("| 64", "| 96")]
+    assert len(rows) == 2 * 2 * len(sampler.PARAMS)
+    assert all(float(r[3].removesuffix(" ms")) > 0 and float(r[4].removesuffix(" ms")) > 0 for r in rows)
+
+
 def test_config_ab_arms_are_validated_serve_configs():
     """bench/config_ab.py: an arm's dotted settings become nested ServeConfig overrides (JSON
     values), merged over the bench base without dropping its siblings; a misspelt one is refused."""
