@@ -23,6 +23,8 @@ from qwen_vl_utils.vision_process import to_rgb
 from .config import Limits, Media
 from .errors import BadRequest, PayloadTooLarge
 
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # Pillow's names
+
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own, configurable cap before decoding
 
 
@@ -37,7 +39,9 @@ def _decode(data: bytes, limits: Limits, what: str) -> LoadedImage:
         raise PayloadTooLarge(f"{what} is {len(data)} bytes; the limit is {limits.max_image_bytes}",
                               param="messages", code="image_too_large")
     try:
-        img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+        # Only the formats the API names: each of Pillow's other decoders (TIFF, PSD, ...) is more
+        # code that untrusted bytes could reach. Lazy: reads the header only.
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except Exception:
         raise BadRequest(f"{what} is not a supported image (PNG, JPEG, WebP, GIF, BMP)",
                          param="messages", code="invalid_image") from None

@@ -385,6 +385,22 @@ def test_transparent_pixels_are_white(mode):
     assert loaded.image.getpixel((0, 0)) == {"RGBA": (0, 0, 255), "LA": (80, 80, 80), "P": (0, 0, 255)}[mode]
 
 
+def test_only_the_named_image_formats_are_decoded():
+    """PNG, JPEG, WebP, GIF and BMP decode, whatever the data URL's type says; TIFF, PSD and
+    Pillow's other formats are refused as not supported (each is more decoder code that untrusted
+    bytes could reach)."""
+    for fmt in media.IMAGE_FORMATS + ("TIFF", "PPM", "ICO", "TGA"):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 6), (10, 200, 30)).save(buf, fmt)
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        if fmt in media.IMAGE_FORMATS:
+            assert media.decode_data_url(url, Limits()).image.size == (8, 6), fmt
+        else:
+            with pytest.raises(BadRequest, match="not a supported image") as info:
+                media.decode_data_url(url, Limits())
+            assert info.value.code == "invalid_image", fmt
+
+
 def test_bomb_header_is_refused_before_decoding():
     from test_reliability import png_bomb
 
