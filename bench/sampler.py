@@ -83,7 +83,8 @@ def main(argv=None) -> int:
                 rows.append((vocab, kind, name, t_before, t_ours))
                 print(f"vocab {vocab:6d} {kind:6s} {name:46s} before {t_before:8.2f} ms  now {t_ours:7.2f} ms  "
                       f"{t_before / t_ours:5.1f}x", flush=True)
-    table = [f"One thread, batch {args.batch}, medians of {args.repeats}; the time of one `sample()` call for the whole batch.",
+    table = [f"One thread, batch {args.batch}, medians of {args.repeats}; "
+             "the time of one `sample()` call for the whole batch.",
              "", "| vocabulary | logits | parameters | before (full sort, multinomial) | now | ratio |",
              "|---:|---|---|---:|---:|---:|"]
     table += [f"| {v} | {k} | {n} | {b:.2f} ms | {o:.2f} ms | {b / o:.1f}x |" for v, k, n, b, o in rows]

@@ -124,8 +124,8 @@ class DecodeScheduler:
             raise BadRequest(f"prompt ({handoff.prompt_tokens} tokens) + max_tokens ({params.max_new_tokens}) "
                              f"exceeds the context length {dec.max_seq_len}", param="max_tokens",
                              code="context_length_exceeded")
-        req = _Request(handoff, params, asyncio.Queue(), n,
-                       stop_texts=[Detokenizer(self.tokenizer, list(stop), params.min_tokens) for _ in range(n)] if stop else [])
+        stop_texts = [Detokenizer(self.tokenizer, list(stop), params.min_tokens) for _ in range(n)] if stop else []
+        req = _Request(handoff, params, asyncio.Queue(), n, stop_texts=stop_texts)
         cached = handoff.cached_tokens
         del handoff  # the request holds it until admission copies the KV into the pool
         self.waiting.append(req)
