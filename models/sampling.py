@@ -109,7 +109,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
     are the model's own distribution (log-softmax of its logits, before bias, penalties,
     temperature, top-k and top-p), as vLLM returns them by default."""
     want = [row for row, p in enumerate(params) if p.logprobs is not None]
-    logp = torch.log_softmax(logits[want].float(), -1).cpu() if want else None
+    logp = torch.log_softmax(logits[want].float(), -1) if want else None  # stays on the device
     logits = adjust_logits(logits, params, generated or [[] for _ in params], stop_ids, seen)
     greedy = [row for row, p in enumerate(params) if p.greedy]
     out = [0] * len(params)
@@ -121,9 +121,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
         if not p.greedy:
             out[row] = _draw(logits[row].float(), p, gen)
     logprobs: list[Optional[TokenLogprobs]] = [None] * len(params)
-    for i, row in enumerate(want):
-        values, ids = torch.topk(logp[i], params[row].logprobs)
-        logprobs[row] = TokenLogprobs(float(logp[i, out[row]]), tuple(zip(ids.tolist(), values.tolist())))
+    if want:  # the k likeliest of every asking row at once; only those cross to the host
+        values, ids = torch.topk(logp, max(params[row].logprobs for row in want), dim=-1)
+        chosen = logp.gather(1, torch.tensor([[out[row]] for row in want], device=logp.device))
+        values, ids, chosen = values.tolist(), ids.tolist(), chosen.flatten().tolist()
+        for i, row in enumerate(want):
+            k = params[row].logprobs
+            logprobs[row] = TokenLogprobs(chosen[i], tuple(zip(ids[i][:k], values[i][:k])))
     return out, logprobs
 
 
