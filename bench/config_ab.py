@@ -72,7 +72,7 @@ def cpu_seconds() -> dict[str, float]:
     return out
 
 
-def run_arm(model: str, base: dict, arm: str, loads, tok, seed: int, max_tokens: int) -> dict:
+def run_arm(model: str, base: dict, arm: str, loads, tok, seed: int, max_tokens: int, body: dict | None = None) -> dict:
     from popserve.service import launcher
     from popserve.service.config import ServeConfig
 
@@ -81,9 +81,9 @@ def run_arm(model: str, base: dict, arm: str, loads, tok, seed: int, max_tokens:
     url, name = f"http://127.0.0.1:{cfg.port}/v1/chat/completions", cfg.model_name()
     out = {}
     try:
-        warm_up(url, name, tok, dict.fromkeys(w for w, _, _ in loads))
+        warm_up(url, name, tok, dict.fromkeys(w for w, _, _ in loads), body)
         for workload, clients, n in loads:
-            bodies = bodies_for(workload, name, tok, n, seed, max_tokens)
+            bodies = bodies_for(workload, name, tok, n, seed, max_tokens, body)
             seed += n
             before = cpu_seconds()
             res = asyncio.run(run_load(url, bodies, clients))
@@ -135,6 +135,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--model", help="checkpoint directory (default: the bench Qwen3-VL, built if missing)")
     ap.add_argument("--config", help="a popserve YAML config the arms start from (e.g. bench/gpu-8b.yaml)")
+    ap.add_argument("--body", default="{}", help='JSON fields added to every request, e.g. sampling: '
+                    '\'{"temperature": 0.7, "top_k": 20, "top_p": 0.8}\' (default: greedy)')
     ap.add_argument("--out", default="bench/results/config-ab.md")
     args = ap.parse_args(argv)
     from popserve.service.config import ServeConfig
@@ -151,9 +153,10 @@ def main(argv=None) -> int:
     for rnd in range(args.rounds):
         for arm in (args.arm if rnd % 2 == 0 else args.arm[::-1]):
             seed += 1000
-            runs[arm].append(run_arm(model, base, arm, loads, tok, seed, args.max_tokens))
+            runs[arm].append(run_arm(model, base, arm, loads, tok, seed, args.max_tokens, json.loads(args.body)))
     header = (f"{Path(model).name}, {os.cpu_count()} cores{', config ' + args.config if args.config else ''}, "
-              f"{args.max_tokens} output tokens, streaming, {sharing_note(w for w, _, _ in loads)}; "
+              f"{args.max_tokens} output tokens, streaming, {sharing_note(w for w, _, _ in loads)}"
+              f"{', requests add ' + args.body if json.loads(args.body) else ''}; "
               f"medians of {args.rounds} "
               f"server starts per arm, the order alternating")
     write_report(args.out, report(runs, loads, header))

@@ -91,8 +91,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None, help="compute dtype for every server (default: popserve's auto)")
     ap.add_argument("--peers", default="popserve,transformers")
     ap.add_argument("--serve-config", help="a popserve YAML config (e.g. bench/gpu-8b.yaml: stages sharing a GPU)")
+    ap.add_argument("--body", default="{}", help='JSON fields added to every request, e.g. sampling: '
+                    '\'{"temperature": 0.7, "top_k": 20, "top_p": 0.8}\' (default: greedy)')
     ap.add_argument("--out", default="bench/results/peers")
     args = ap.parse_args(argv)
+    body = json.loads(args.body)
 
     model = bench_checkpoint(args.family, args.model)
     cfg = json.loads((Path(model) / "config.json").read_text())
@@ -114,7 +117,7 @@ def main(argv=None) -> int:
             base = f"http://127.0.0.1:{port}"
             name = wait_ready(base, proc)
             for pop in (True, False):
-                drive(f"{base}/v1/chat/completions", name, tok, args, {"pop": pop},
+                drive(f"{base}/v1/chat/completions", name, tok, args, {**body, "pop": pop},
                       "popserve POP" if pop else "popserve POP off", results)
             # The server's own counters (KV handoff seconds and bytes, stage busy time) for the run,
             # once Ray's metrics agent has collected the last requests' (every 10 s).
@@ -130,7 +133,7 @@ def main(argv=None) -> int:
         try:
             base = f"http://127.0.0.1:{port}"
             name = wait_ready(base, proc)
-            drive(f"{base}/v1/chat/completions", name, tok, args, {}, "transformers serve", results)
+            drive(f"{base}/v1/chat/completions", name, tok, args, body, "transformers serve", results)
         finally:
             stop(proc)
 
@@ -149,6 +152,7 @@ def report(results: dict, args, dtype: str, shape: str) -> None:
     prompts = sharing_note(args.workloads.split(","))
     text = (f"{args.family} checkpoint {shape}, compute dtype {dtype}, {args.max_tokens} output tokens, "
             f"streaming, {prompts}, {os.cpu_count()} cores{gpu}"
+            f"{', requests add ' + args.body if json.loads(args.body) else ''}"
             f"{', config ' + args.serve_config if args.serve_config else ''}\n\n" + results_tables(results, "popserve POP"))
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps({"|".join(map(str, k)): v for k, v in results.items()}, indent=1))
