@@ -192,6 +192,7 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], generated:
             was = x[ids]
             x[ids] = torch.where(was > 0, was / p.repetition_penalty, was * p.repetition_penalty)
         if generated[row] and (p.presence_penalty or p.frequency_penalty):
-            counts = torch.bincount(torch.tensor(generated[row], device=x.device), minlength=x.numel())[: x.numel()]
-            x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+            # the answer's distinct tokens only, not a count over the whole vocabulary
+            ids, counts = torch.tensor(generated[row], device=x.device).unique(return_counts=True)
+            x[ids] -= p.frequency_penalty * counts + p.presence_penalty
     return logits
