@@ -24,7 +24,8 @@ import psutil
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import bench_checkpoint, bodies_for, run_load, sharing_note, warm_up, write_report  # noqa: E402
+from loadgen import (bench_checkpoint, bodies_for, request_fields, run_load, sharing_note,  # noqa: E402
+                     warm_up, write_report)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROCESSES = {"Encoder": "ServeReplica:popserve:VisionEncoder", "Prefill": "ServeReplica:popserve:Prefill ",
@@ -145,6 +146,7 @@ def main(argv=None) -> int:
     for arm in args.arm:  # a typo fails here, not after the first server start
         ServeConfig.model_validate(merged({**base, "model": "x"}, parse_arm(arm)))
 
+    body = request_fields(args.body)  # a mistake fails here, not after the first server start
     model = bench_checkpoint("qwen3-vl", args.model)
     tok = AutoTokenizer.from_pretrained(model)
     loads = parse_loads(args.loads)
@@ -153,7 +155,7 @@ def main(argv=None) -> int:
     for rnd in range(args.rounds):
         for arm in (args.arm if rnd % 2 == 0 else args.arm[::-1]):
             seed += 1000
-            runs[arm].append(run_arm(model, base, arm, loads, tok, seed, args.max_tokens, json.loads(args.body)))
+            runs[arm].append(run_arm(model, base, arm, loads, tok, seed, args.max_tokens, body))
     header = (f"{Path(model).name}, {os.cpu_count()} cores{', config ' + args.config if args.config else ''}, "
               f"{args.max_tokens} output tokens, streaming, {sharing_note(w for w, _, _ in loads)}"
               f"{', requests add ' + args.body if json.loads(args.body) else ''}; "

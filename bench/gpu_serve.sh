@@ -7,8 +7,9 @@
 #   prefix   bench/config_ab.py: the prefix cache on against off, on prompts that share their start
 #   serve    bench/peers.py's popserve part: the real server (Ray Serve, all stages sharing the
 #            GPU, bench/gpu-8b.yaml) driven over HTTP, POP on and off, and its /metrics afterwards
-#   sample   the same with real Qwen3-VL's default sampling (T 0.7, top_k 20, top_p 0.8) at its
-#            151,936-token vocabulary: what the sampler costs a decode step on the GPU
+#   sample   the server greedy and with real Qwen3-VL's default sampling (T 0.7, top_k 20, top_p
+#            0.8) at its 151,936-token vocabulary, answers of a fixed length (ignore_eos) in both:
+#            what the sampler costs a decode step on the GPU
 # The checkout travels too, within the call's 64 MiB with the archive: move the tracked
 # models/checkpoints (39 MB; nothing here needs them) aside for the call.
 # PARTS picks them (default: tests,profile,serve). Each part has its own time limit, so that one
@@ -59,9 +60,13 @@ if [[ $parts == *,serve,* ]]; then
     --workloads text2048,image448,text512 --concurrency 1,16 --requests 8 --out "$out/peers-8b-h200"
 fi
 if [[ $parts == *,sample,* ]]; then
-  echo "== server, sampled ($((SECONDS - t0)) s)"
-  timeout 200 python3 bench/peers.py --model "$model" --peers popserve --serve-config "$config" \
-    --workloads text512,image448 --concurrency 1,16 --requests 8 --max-tokens 64 \
-    --body '{"temperature": 0.7, "top_k": 20, "top_p": 0.8}' --out "$out/peers-8b-h200-sampled"
+  for how in greedy sampled; do
+    echo "== server, $how ($((SECONDS - t0)) s)"
+    body='{"temperature": 0, "ignore_eos": true}'
+    [ $how = sampled ] && body='{"temperature": 0.7, "top_k": 20, "top_p": 0.8, "ignore_eos": true}'
+    timeout 150 python3 bench/peers.py --model "$model" --peers popserve --serve-config "$config" \
+      --workloads text512,image448 --concurrency 1,16 --requests 8 --max-tokens 64 \
+      --body "$body" --out "$out/peers-8b-h200-$how"
+  done
 fi
 echo "== done ($((SECONDS - t0)) s)"

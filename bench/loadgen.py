@@ -152,6 +152,20 @@ def summarize(results: list[Result], wall: float) -> dict:
     }
 
 
+RESERVED = ("model", "messages", "max_tokens", "max_completion_tokens", "stream", "stream_options", "pop")
+
+
+def request_fields(text: str) -> dict:
+    """A benchmark's --body: JSON fields added to every request (sampling, say), never ones the
+    benchmark sets itself: the report would describe another load."""
+    body = json.loads(text)
+    if not isinstance(body, dict):
+        raise SystemExit(f"--body must be a JSON object, not {text}")
+    if taken := sorted(set(body) & set(RESERVED)):
+        raise SystemExit(f"--body may not set {', '.join(taken)}: the benchmark sets them")
+    return body
+
+
 def chat_body(model: str, text: str, image_url: Optional[str], max_tokens: int, extra: dict | None = None,
               system: Optional[str] = None) -> dict:
     content = text if image_url is None else [{"type": "image_url", "image_url": {"url": image_url}},

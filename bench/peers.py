@@ -26,7 +26,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import bench_checkpoint, bodies_for, results_tables, run_load, sharing_note, warm_up  # noqa: E402
+from loadgen import (bench_checkpoint, bodies_for, request_fields, results_tables, run_load,  # noqa: E402
+                     sharing_note, warm_up)
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
                     '\'{"temperature": 0.7, "top_k": 20, "top_p": 0.8}\' (default: greedy)')
     ap.add_argument("--out", default="bench/results/peers")
     args = ap.parse_args(argv)
-    body = json.loads(args.body)
+    body = request_fields(args.body)
 
     model = bench_checkpoint(args.family, args.model)
     cfg = json.loads((Path(model) / "config.json").read_text())

@@ -143,7 +143,10 @@ def _draw(x: torch.Tensor, p: SamplingParams, gen: Optional[torch.Generator]) ->
         x = x.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
     ids = None  # the candidates' token ids, likeliest first; None: every token, in id order
     if p.top_k and p.top_k < x.numel():
-        x, ids = torch.topk(x, p.top_k)
+        top, ids = torch.topk(x, p.top_k)
+        # Tokens tied with the k-th stay, as in transformers and vLLM (bf16 logits tie often).
+        tied = int((x >= top[-1]).sum()) if bool(torch.isfinite(top[-1])) else p.top_k
+        x, ids = (top, ids) if tied == p.top_k else torch.topk(x, tied)
     probs = torch.softmax(x, -1)
     if p.top_p < 1.0:  # the smallest prefix of the candidates, likeliest first, that reaches top_p
         if ids is None:
@@ -153,7 +156,10 @@ def _draw(x: torch.Tensor, p: SamplingParams, gen: Optional[torch.Generator]) ->
     cum = probs.cumsum(-1)
     u = torch.rand(1, generator=gen).to(cum.device) * cum[-1]
     pick = torch.searchsorted(cum, u, right=True).clamp_(max=cum.numel() - 1)
-    return int(pick if ids is None else ids[pick])  # the row's one wait for the device
+    token, total = (pick if ids is None else ids[pick]).item(), cum[-1].item()
+    if not total > 0 or total == float("inf"):  # NaN or inf logits (a temperature near 0): no distribution
+        raise ValueError(f"cannot sample: the probabilities sum to {total} (temperature {p.temperature})")
+    return token
 
 
 def _likeliest(probs: torch.Tensor, mass: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +169,7 @@ def _likeliest(probs: torch.Tensor, mass: float) -> tuple[torch.Tensor, torch.Te
     k = 64
     while True:
         top, ids = torch.topk(probs, min(k, probs.numel()))
-        if k >= probs.numel() or float(top.sum()) >= mass:
+        if k >= probs.numel() or float(top.cumsum(-1)[-1]) >= mass:  # the sum the caller's mask uses
             return top, ids
         k *= 8
 

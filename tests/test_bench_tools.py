@@ -121,6 +121,17 @@ def test_sampler_bench_times_both_samplers_for_each_case(tmp_path):
     assert all(float(r[3].removesuffix(" ms")) > 0 and float(r[4].removesuffix(" ms")) > 0 for r in rows)
 
 
+def test_request_fields_add_to_a_load_but_never_replace_what_it_sets():
+    import loadgen
+
+    assert loadgen.request_fields('{"temperature": 0.7, "top_k": 20}') == {"temperature": 0.7, "top_k": 20}
+    body = loadgen.chat_body("m", "hi", None, 8, loadgen.request_fields('{"temperature": 0.7}'))
+    assert body["temperature"] == 0.7 and body["max_tokens"] == 8  # greedy unless the body says otherwise
+    for bad in ('{"max_tokens": 4}', '{"pop": false}', '[1]'):
+        with pytest.raises(SystemExit):
+            loadgen.request_fields(bad)
+
+
 def test_config_ab_arms_are_validated_serve_configs():
     """bench/config_ab.py: an arm's dotted settings become nested ServeConfig overrides (JSON
     values), merged over the bench base without dropping its siblings; a misspelt one is refused."""

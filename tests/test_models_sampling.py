@@ -160,8 +160,10 @@ def test_sampled_tokens_follow_the_distribution_transformers_warpers_define():
     from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     logits = torch.randn(1, 12, generator=torch.Generator().manual_seed(3)) * 2
-    for kw in (dict(temperature=0.7), dict(temperature=1.3, top_k=5), dict(temperature=1.0, top_p=0.7),
-               dict(temperature=0.8, top_k=6, top_p=0.8), dict(temperature=1.0, min_p=0.2, top_p=0.9)):
+    tied = torch.tensor([[5.0, 4.0, 3.0, 3.0, 3.0, 1.0, 0.5, 0.0, 0.0, -1.0, -2.0, -3.0]])  # bf16 logits tie often
+    for logits, kw in ((logits, dict(temperature=0.7)), (logits, dict(temperature=1.3, top_k=5)),
+                       (logits, dict(temperature=1.0, top_p=0.7)), (logits, dict(temperature=0.8, top_k=6, top_p=0.8)),
+                       (logits, dict(temperature=1.0, min_p=0.2, top_p=0.9)), (tied, dict(temperature=1.0, top_k=3))):
         x = TemperatureLogitsWarper(kw["temperature"])(None, logits.clone())
         for name, warper in (("min_p", MinPLogitsWarper), ("top_k", TopKLogitsWarper), ("top_p", TopPLogitsWarper)):
             if name in kw:
@@ -175,6 +177,15 @@ def test_sampled_tokens_follow_the_distribution_transformers_warpers_define():
         assert bool(((want == 0) <= (freq == 0)).all()), kw  # nothing outside the kept tokens
         again = p.generator()
         assert [sample(logits, [p], [again])[0][0] for _ in range(50)] == draws[:50].tolist()
+
+
+def test_logits_without_a_distribution_are_an_error_not_a_token():
+    """NaN logits, or a temperature so small that logits / temperature overflow, leave no
+    distribution to draw from: an error (the decode step fails its batch), not an arbitrary token."""
+    for logits, p in ((torch.full((1, 8), float("nan")), SamplingParams(temperature=1.0, seed=0)),
+                      (torch.randn(1, 8) * 10, SamplingParams(temperature=1e-38, seed=0))):
+        with pytest.raises(ValueError, match="cannot sample"):
+            sample(logits, [p], [p.generator()])
 
 
 def test_unseeded_sampling_leaves_global_rng_alone():
