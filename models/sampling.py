@@ -144,9 +144,11 @@ def _draw(x: torch.Tensor, p: SamplingParams, gen: Optional[torch.Generator]) ->
     ids = None  # the candidates' token ids, likeliest first; None: every token, in id order
     if p.top_k and p.top_k < x.numel():
         top, ids = torch.topk(x, p.top_k)
-        # Tokens tied with the k-th stay, as in transformers and vLLM (bf16 logits tie often).
-        tied = int((x >= top[-1]).sum()) if bool(torch.isfinite(top[-1])) else p.top_k
-        x, ids = (top, ids) if tied == p.top_k else torch.topk(x, tied)
+        # Tokens tied with the k-th stay, as in transformers and vLLM (bf16 logits tie often); a
+        # k-th of -inf (fewer tokens left than k) has no ties worth keeping. One wait for the device.
+        kth = torch.where(torch.isfinite(top[-1]), top[-1], float("inf"))  # a scalar, not a row
+        tied = int((x >= kth).sum())
+        x, ids = (top, ids) if tied <= p.top_k else torch.topk(x, tied)
     probs = torch.softmax(x, -1)
     if p.top_p < 1.0:  # the smallest prefix of the candidates, likeliest first, that reaches top_p
         if ids is None:
@@ -156,10 +158,11 @@ def _draw(x: torch.Tensor, p: SamplingParams, gen: Optional[torch.Generator]) ->
     cum = probs.cumsum(-1)
     u = torch.rand(1, generator=gen).to(cum.device) * cum[-1]
     pick = torch.searchsorted(cum, u, right=True).clamp_(max=cum.numel() - 1)
-    token, total = (pick if ids is None else ids[pick]).item(), cum[-1].item()
+    # One wait for the device: the token and the total together (ids are exact in float64).
+    token, total = torch.cat(((pick if ids is None else ids[pick]).double(), cum[-1:].double())).tolist()
     if not total > 0 or total == float("inf"):  # NaN or inf logits (a temperature near 0): no distribution
         raise ValueError(f"cannot sample: the probabilities sum to {total} (temperature {p.temperature})")
-    return token
+    return int(token)
 
 
 def _likeliest(probs: torch.Tensor, mass: float) -> tuple[torch.Tensor, torch.Tensor]:
