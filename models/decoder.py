@@ -30,7 +30,7 @@ from .kv import KVHandoff, pop_fingerprint
 from .loading import fast_cpu_linears, load_checkpoint, param_bytes, release
 from .masks import decode_masks
 from .pop import skipped_layer_count
-from .sampling import SamplingParams, SeenTokens, TokenLogprobs, sample
+from .sampling import SamplingParams, TokenHistory, TokenLogprobs, sample
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Sequence:
     prompt_tokens: int
     generator: Optional[torch.Generator]
     stop_ids: frozenset
-    seen: Optional[SeenTokens] = None  # prompt and answer tokens, kept for repetition_penalty only
+    history: Optional[TokenHistory] = None  # kept for the penalties only
     generated: list[int] = field(default_factory=list)
 
 
@@ -147,13 +147,14 @@ class FullDecoder:
         slot = len(self.running)
         self.pool[:, :, slot, :, :n] = handoff.kv.to(self.device)
         ends = frozenset(() if params.ignore_eos else stop_token_ids) | frozenset(params.stop_token_ids)
-        seen = None
-        if params.repetition_penalty != 1.0:
-            if handoff.prompt_ids is None:
+        history = None
+        if params.penalises:
+            if params.repetition_penalty != 1.0 and handoff.prompt_ids is None:
                 raise ValueError("repetition_penalty needs the prompt's token ids, and this handoff has none")
-            seen = SeenTokens(handoff.prompt_ids, self.device)
+            prompt = handoff.prompt_ids if params.repetition_penalty != 1.0 else None  # only it counts them
+            history = TokenHistory(prompt, params.max_new_tokens, self.device)
         seq = Sequence(next(self._ids), params, n, handoff.last_token, handoff.rope_delta, n + 1,
-                       params.generator(), ends, seen)
+                       params.generator(), ends, history)
         self.running.append(seq)
         return seq.seq_id
 
@@ -245,14 +246,14 @@ class FullDecoder:
         seqs = self.running
         chosen, logprobs = sample(self.next_logits(), [s.params for s in seqs], [s.generator for s in seqs],
                                   [s.generated for s in seqs], [s.stop_ids for s in seqs],
-                                  [s.seen for s in seqs])
+                                  [s.history for s in seqs])
 
         outputs, done = [], []
         for seq, tok, lp in zip(seqs, chosen, logprobs):
             seq.length += 1
             seq.generated.append(tok)
-            if seq.seen is not None:
-                seq.seen.add(tok)
+            if seq.history is not None:
+                seq.history.add(tok)
             seq.next_token = tok
             reason = None
             if tok in seq.stop_ids:

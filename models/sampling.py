@@ -57,9 +57,13 @@ class SamplingParams:
             raise ValueError("min_tokens must be in [0, max_new_tokens]")
 
     @property
+    def penalises(self) -> bool:
+        """Whether the tokens seen so far change the logits (a TokenHistory is needed)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
     def adjusts_logits(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
-                    or self.repetition_penalty != 1.0)
+        return self.penalises or bool(self.logit_bias)
 
     @property
     def greedy(self) -> bool:
@@ -82,35 +86,51 @@ class TokenLogprobs:
     top: tuple[tuple[int, float], ...]  # (token id, log-probability), likeliest first
 
 
-class SeenTokens:
-    """The distinct tokens of a sequence's prompt and answer so far, on the logits' device, for
-    repetition_penalty: a step then touches those logits only, not the whole vocabulary."""
+class TokenHistory:
+    """A sequence's tokens as the penalties need them, on the logits' device and kept step by step,
+    so that a step touches only their logits: the distinct tokens of the prompt (when given, for
+    repetition_penalty) and of the answer, and how often the answer holds each (0 for a token of the
+    prompt only; presence / frequency penalties). Buffers are sized once for `max_new` answer
+    tokens: a step adds in place, with nothing rebuilt from the answer."""
 
-    def __init__(self, prompt_ids: torch.Tensor, device):
-        self.ids = prompt_ids.to(device, torch.long).unique()
-        self._known = set(self.ids.tolist())
+    def __init__(self, prompt_ids: Optional[torch.Tensor], max_new: int, device):
+        prompt = [] if prompt_ids is None else prompt_ids.unique().tolist()
+        self._index = {token: i for i, token in enumerate(prompt)}
+        self._ids = torch.zeros(len(prompt) + max_new, dtype=torch.long, device=device)
+        self._ids[:len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        self._counts = torch.zeros(len(prompt) + max_new, device=device)
 
     def add(self, token: int) -> None:
-        if token not in self._known:
-            self._known.add(token)
-            self.ids = torch.cat((self.ids, self.ids.new_tensor([token])))
+        i = self._index.get(token)
+        if i is None:
+            i = self._index[token] = len(self._index)
+            self._ids[i] = token
+        self._counts[i] += 1
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self._ids[:len(self._index)]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self._counts[:len(self._index)]
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
            generated: Optional[list[list[int]]] = None,
            stop_ids: Optional[list[frozenset]] = None,
-           seen: Optional[list[Optional[SeenTokens]]] = None) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
+           history: Optional[list[Optional[TokenHistory]]] = None) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
     """logits [B, V] (float32) -> one token id per row, and per row its log-probabilities when
-    asked for. `generated`: each row's tokens so far, for the penalties; `stop_ids`: each row's
-    stop tokens, held back until min_tokens; `seen`: each row's SeenTokens, for repetition_penalty
-    (needed only by the rows that ask for it).
+    asked for. `generated`: each row's tokens so far (their number counts for min_tokens);
+    `stop_ids`: each row's stop tokens, held back until min_tokens; `history`: each row's
+    TokenHistory, for the penalties (needed only by the rows that ask for one).
 
     After the logit changes, vLLM's order: temperature, min_p, top-k, top-p. Log-probabilities
     are the model's own distribution (log-softmax of its logits, before bias, penalties,
     temperature, top-k and top-p), as vLLM returns them by default."""
     want = [row for row, p in enumerate(params) if p.logprobs is not None]
     logp = torch.log_softmax(logits[want].float(), -1) if want else None  # stays on the device
-    logits = adjust_logits(logits, params, generated or [[] for _ in params], stop_ids, seen)
+    logits = adjust_logits(logits, params, generated or [[] for _ in params], stop_ids, history)
     greedy = [row for row, p in enumerate(params) if p.greedy]
     out = [0] * len(params)
     if greedy:  # the argmax of the rows that ask for it only: a row of 152k logits takes ~0.1 ms
@@ -179,7 +199,7 @@ def _likeliest(probs: torch.Tensor, mass: float) -> tuple[torch.Tensor, torch.Te
 
 def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], generated: list[list[int]],
                   stop_ids: Optional[list[frozenset]] = None,
-                  seen: Optional[list[Optional[SeenTokens]]] = None) -> torch.Tensor:
+                  history: Optional[list[Optional[TokenHistory]]] = None) -> torch.Tensor:
     """Logit bias, the penalties and min_tokens, on a copy, for the rows that ask."""
     stop_ids = stop_ids or [frozenset()] * len(params)
     early = [len(generated[row]) < p.min_tokens and bool(stop_ids[row]) for row, p in enumerate(params)]
@@ -194,14 +214,13 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], generated:
         if p.logit_bias:
             ids = torch.tensor(list(p.logit_bias), device=x.device)
             x.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=x.dtype, device=x.device))
-        if p.repetition_penalty != 1.0:  # after the bias, before presence / frequency: vLLM's order
-            if seen is None or seen[row] is None:
-                raise ValueError("repetition_penalty needs the tokens seen so far (SeenTokens)")
-            ids = seen[row].ids
-            was = x[ids]
-            x[ids] = torch.where(was > 0, was / p.repetition_penalty, was * p.repetition_penalty)
-        if generated[row] and (p.presence_penalty or p.frequency_penalty):
-            # the answer's distinct tokens only, not a count over the whole vocabulary
-            ids, counts = torch.tensor(generated[row], device=x.device).unique(return_counts=True)
-            x[ids] -= p.frequency_penalty * counts + p.presence_penalty
+        if p.penalises:
+            if history is None or history[row] is None:
+                raise ValueError("penalties need the sequence's tokens so far (TokenHistory)")
+            ids, counts = history[row].ids, history[row].counts
+            if p.repetition_penalty != 1.0:  # after the bias, before presence / frequency: vLLM's order
+                was = x[ids]
+                x[ids] = torch.where(was > 0, was / p.repetition_penalty, was * p.repetition_penalty)
+            if p.presence_penalty or p.frequency_penalty:  # the answer's tokens: counts > 0
+                x[ids] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
     return logits

@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from popserve.models.decoder import DecoderFull, FullDecoder  # noqa: E402
 from popserve.models.prefill import PrefillRequest, PrunedPrefill  # noqa: E402
 from popserve.models.prompt import PromptBuilder  # noqa: E402
-from popserve.models.sampling import SamplingParams, SeenTokens, adjust_logits, sample  # noqa: E402
+from popserve.models.sampling import SamplingParams, TokenHistory, adjust_logits, sample  # noqa: E402
 
 SEEDED = dict(temperature=0.8, top_p=0.9, top_k=20, seed=7)
 PROMPTS = [
@@ -223,21 +223,64 @@ def test_logprobs_are_the_models_own_distribution_likeliest_first():
     assert sample(logits, [SamplingParams(logprobs=0)] * 2, [None, None])[1][0].top == ()
 
 
+def history_of(answer: list[int], prompt=None, max_new: int = 16) -> TokenHistory:
+    history = TokenHistory(prompt, max_new, "cpu")
+    for token in answer:  # as the decoder adds each generated token
+        history.add(token)
+    return history
+
+
 def test_penalties_count_the_generated_tokens():
     """OpenAI's definitions: logit - frequency_penalty * count - presence_penalty * (count > 0),
     over the tokens generated so far; a row that asks for nothing is left as it is (no copy)."""
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.0]])
     generated = [[0, 0, 0, 2]]
+    history = [history_of(generated[0])]
     for params, want in ((SamplingParams(frequency_penalty=0.5), [0.5, 1.5, 0.5, 0.0]),
                          (SamplingParams(presence_penalty=0.5), [1.5, 1.5, 0.5, 0.0]),
                          (SamplingParams(presence_penalty=0.25, frequency_penalty=-0.5, logit_bias={3: 2.5}),
                           [3.25, 1.5, 1.25, 2.5])):
-        assert adjust_logits(logits, [params], generated)[0].tolist() == pytest.approx(want)
+        assert adjust_logits(logits, [params], generated, history=history)[0].tolist() == pytest.approx(want)
     assert adjust_logits(logits, [SamplingParams()], generated) is logits
     assert logits[0].tolist() == [2.0, 1.5, 1.0, 0.0]  # the step's logits are not modified
     greedy = SamplingParams(frequency_penalty=0.5)
-    assert sample(logits, [greedy], [None], generated)[0] == [1]  # token 0 fell below token 1
-    assert sample(logits, [greedy], [None], [[]])[0] == [0]  # nothing generated yet, nothing to count
+    assert sample(logits, [greedy], [None], generated, history=history)[0] == [1]  # token 0 fell below token 1
+    assert sample(logits, [greedy], [None], [[]], history=[history_of([])])[0] == [0]  # nothing generated yet
+    with pytest.raises(ValueError, match="TokenHistory"):
+        adjust_logits(logits, [greedy], generated)
+
+
+def test_token_history_gives_the_penalties_of_the_whole_answer():
+    """The history kept token by token gives, step after step, exactly the logits of the
+    definitions computed afresh from the whole answer: transformers' repetition penalty over prompt
+    and answer, then OpenAI's presence / frequency over the answer alone (a token of the prompt
+    that the answer has not repeated is not counted), in a batch where only some rows penalise."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    gen = torch.Generator().manual_seed(3)
+    vocab, steps = 50, 40
+    prompt = torch.randint(0, vocab, (30,), generator=gen)
+    params = [SamplingParams(repetition_penalty=1.3, presence_penalty=0.7, frequency_penalty=0.4),
+              SamplingParams(), SamplingParams(presence_penalty=-0.5, frequency_penalty=1.1)]
+    histories = [TokenHistory(prompt, steps, "cpu"), None, TokenHistory(None, steps, "cpu")]
+    answers: list[list[int]] = [[], [], []]
+    for _ in range(steps):
+        logits = torch.randn(3, vocab, generator=gen) * 3
+        ours = adjust_logits(logits, params, answers, history=histories)
+        for row in (0, 2):
+            want = logits[row:row + 1].clone()
+            if row == 0:
+                want = RepetitionPenaltyLogitsProcessor(1.3)(torch.cat((prompt, torch.tensor(answers[0], dtype=torch.long)))[None], want)
+            counts = torch.bincount(torch.tensor(answers[row], dtype=torch.long), minlength=vocab).float()
+            want = want[0] - (params[row].frequency_penalty * counts + params[row].presence_penalty * (counts > 0))
+            assert torch.equal(ours[row], want), row
+        assert torch.equal(ours[1], logits[1])
+        for row, h in enumerate(histories):
+            token = int(torch.randint(0, vocab // 2, (1,), generator=gen))  # repeats, and prompt tokens
+            answers[row].append(token)
+            if h is not None:
+                h.add(token)
+    assert sorted(histories[2].ids.tolist()) == sorted(set(answers[2]))
 
 
 def test_repetition_penalty_and_min_p_are_transformers_own():
@@ -250,17 +293,15 @@ def test_repetition_penalty_and_min_p_are_transformers_own():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 40, generator=gen) * 3
     prompt, answer = torch.tensor([3, 5, 5, 17, 30]), [[9, 3, 21], []]
-    seen = SeenTokens(prompt, "cpu")
-    for token in answer[0]:  # as the decoder adds each generated token
-        seen.add(token)
+    seen = history_of(answer[0], prompt)
     assert sorted(seen.ids.tolist()) == [3, 5, 9, 17, 21, 30]
     for penalty in (1.3, 0.7):
         params = [SamplingParams(repetition_penalty=penalty), SamplingParams()]
-        ours = adjust_logits(logits, params, answer, seen=[seen, None])
+        ours = adjust_logits(logits, params, answer, history=[seen, None])
         ids = torch.cat((prompt, torch.tensor(answer[0])))[None]
         assert torch.equal(ours[0], RepetitionPenaltyLogitsProcessor(penalty)(ids, logits[:1].clone())[0])
         assert torch.equal(ours[1], logits[1])
-    with pytest.raises(ValueError, match="seen"):
+    with pytest.raises(ValueError, match="TokenHistory"):
         adjust_logits(logits[:1], [SamplingParams(repetition_penalty=1.3)], [[]])
 
     def drawn(small, **params) -> set[int]:
