@@ -195,6 +195,39 @@ def _byte_fallback_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+def _byte_level_tokenizer():
+    """A byte-level BPE tokenizer (as Qwen's is) with one token, " \\xe2", that ends in the first
+    byte of a three-byte character: the checkpoints' tiny vocabularies have no such token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    alphabet = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    space, e2 = bytes_to_unicode()[ord(" ")], bytes_to_unicode()[0xE2]
+    vocab[space + e2] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(space, e2)]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_a_stop_string_before_an_incomplete_character_ends_the_answer_at_once():
+    """Byte-level BPE: a token can complete a stop string and begin a character in one go. The text
+    before the incomplete character is final, so the stop string ends the answer at that token,
+    not when (if ever) the character completes."""
+    tokenizer = _byte_level_tokenizer()
+    ids = tokenizer.encode("ax \u201cy", add_special_tokens=False)  # the quote is e2 80 9c
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    at = next(i for i, p in enumerate(pieces) if len(p) == 2)  # " \xe2", which completes "x "
+    detok = Detokenizer(tokenizer, ["x "])
+    assert "".join(detok.feed(i) for i in ids[:at]) == "a" and not detok.stopped  # "x" is held back
+    assert detok.feed(ids[at]) == "" and detok.stopped
+    assert Detokenizer(tokenizer, ["x "]).feed_message([(i, None) for i in ids]) == ("a", at + 1, "stop")
+    other = Detokenizer(tokenizer, ["zz"])  # no stop string there: the character completes as before
+    assert "".join(other.feed(i) for i in ids) + other.flush() == "ax \u201cy" and not other.stopped
+
+
 def _tokenizers(qwen_dir, gemma_dir):
     return {"qwen3-vl": PromptBuilder(qwen_dir).tokenizer, "gemma3": PromptBuilder(gemma_dir).tokenizer,
             "byte-fallback": _byte_fallback_tokenizer()}

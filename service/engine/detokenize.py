@@ -52,6 +52,14 @@ class Detokenizer:
         if token_id not in self._special:
             self._in_byte_run = token_id in self._bytes
         if text.endswith("\ufffd") or self._in_byte_run:  # a character may be incomplete
+            if self._in_byte_run or not self.stop:
+                return ""
+            # Byte-level BPE: the text before an incomplete character is final, so a stop string
+            # there ends the answer now, not when (if ever) the character completes.
+            held, self.text = self.text, text.rstrip("\ufffd")
+            if self._cut_at_stop():
+                return self._emit(len(self.text))
+            self.text = held
             return ""
         self.text = text
         self._settle()
