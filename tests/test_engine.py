@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from popserve.models.prefill import PrefillRequest, PrunedPrefill
 from popserve.models.prompt import PromptBuilder
 from popserve.models.sampling import SamplingParams
 from popserve.service.engine.detokenize import Detokenizer
-from popserve.service.errors import BadRequest
+from popserve.service.errors import BadRequest, ServeError
 from popserve.service.engine.scheduler import DecodeScheduler
 
 NEW_TOKENS = 10
@@ -103,6 +104,38 @@ def test_a_choice_ends_at_its_stop_string_in_decode_and_frees_its_slot(stage_pai
     assert decoded == ends + NEW_TOKENS and running[ends] == 1  # choice 0's slot was freed at its stop
     with pytest.raises(ValueError, match="tokenizer"):
         asyncio.run(_collect(DecodeScheduler(decoder, (), max_waiting=4).generate(handoff, seeded, 1, (stop,))))
+    assert decoder.num_running == 0
+
+
+def test_a_failing_stop_string_check_ends_its_own_request_only(stage_pair, qwen_dir):
+    """A detokenizer that raises (a tokenizer bug on some token) ends the request whose stop strings
+    it checks with an error and frees its slot; the request decoded beside it in the same batch
+    runs to its end, and the scheduler serves the next one."""
+    decoder, handoff = stage_pair
+    tokenizer = PromptBuilder(qwen_dir).tokenizer
+
+    class Broken(type(tokenizer)):
+        def decode(self, *args, **kwargs):
+            raise RuntimeError("tokenizer bug")
+
+    broken = copy.copy(tokenizer)
+    broken.__class__ = Broken
+    params = SamplingParams(max_new_tokens=64, ignore_eos=True)  # long enough to outlive the failure
+    alone = decoder.generate([handoff], params)[0]
+
+    async def run():
+        scheduler = DecodeScheduler(decoder, (), max_waiting=4, tokenizer=broken)
+        plain = asyncio.create_task(_collect(scheduler.generate(handoff, params)))
+        await asyncio.sleep(0)
+        with pytest.raises(ServeError, match="tokenizer bug"):
+            await _collect(scheduler.generate(handoff, params, 1, ("zz",)))
+        running = decoder.num_running  # the plain request alone, still decoding
+        tokens = [e.token_id for message in await plain for e in message]
+        again = [e.token_id for message in await _collect(scheduler.generate(handoff, params)) for e in message]
+        return running, tokens, again
+
+    running, tokens, again = asyncio.run(run())
+    assert running == 1 and tokens == alone and again == alone
     assert decoder.num_running == 0
 
 

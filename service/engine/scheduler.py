@@ -214,9 +214,15 @@ class DecodeScheduler:
 
     def _fail_active(self, error: ServeError) -> None:
         for req in {id(r): r for r in self.active.values()}.values():
-            req.out.put_nowait(error)
-        self._remove(list(self.active))
-        self.active.clear()
+            self._fail(req, error)
+
+    def _fail(self, req: _Request, error: ServeError) -> None:
+        """End one running request (all its choices) with an error and free its slots."""
+        req.out.put_nowait(error)
+        seq_ids = [s for s in req.choice_of if self.active.get(s) is req]
+        self._remove(seq_ids)
+        for s in seq_ids:
+            del self.active[s]
 
     def _remove(self, seq_ids) -> None:
         """Free these sequences' slots, each on its own: one that fails to go does not keep the others."""
@@ -252,7 +258,13 @@ class DecodeScheduler:
             self.tokens_out += 1
             index = req.choice_of[out.seq_id]
             reason = out.finish_reason
-            if req.stopped_by_text(index, out.token) and not reason:
+            try:
+                stopped = req.stopped_by_text(index, out.token)
+            except Exception as exc:  # a detokenizer bug ends its own request, not the batch
+                log.exception("stop strings failed for decode sequence %s", out.seq_id)
+                self._fail(req, ServeError(f"stop strings failed: {exc}"))
+                continue
+            if stopped and not reason:
                 reason = "stop"
                 self.decoder.remove(out.seq_id)  # still running in the decoder: its slot is free now
             req.out.put_nowait(TokenEvent(out.token, reason, logprobs=out.logprobs, index=index))
