@@ -4,9 +4,12 @@ A sequence joins with a KV handoff. Its first step feeds t_N, the last prompt to
 L layers at cache index N-1 (POP's boundary handling): that is an ordinary decode step, so it runs
 in the same batched loop as every other sequence's next token. Sequences leave when done.
 
-KV memory: one preallocated pool [L, 2, max_seqs, kv_heads, max_seq_len, head_dim]. Running
-sequences occupy slots 0..n-1 (a leaving sequence's slot is refilled by the last one), so each
-layer's attention reads a strided view of the pool: no gather, no copy, one SDPA call per layer.
+KV memory: one preallocated pool per layer type [layers of the type, 2, max_seqs, kv_heads,
+capacity, head_dim], each as long as its attention reaches: max_seq_len, or for Gemma-3's sliding
+layers their window, whose keys they keep in a ring (cache index i in entry i mod window), so that
+those layers hold and read a window's keys however long the sequence. Running sequences occupy
+slots 0..n-1 (a leaving sequence's slot is refilled by the last one), so each layer's attention
+reads a strided view of its pool: no gather, no copy, one SDPA call per layer.
 
 On a GPU an eager step is launch-bound (2,158 kernels per step of the 8B shape on an H200: 72-130 ms,
 the GPU busy 8-11% of it), so the step is replayed from CUDA graphs (9-11 ms: docs/performance.md),
@@ -62,19 +65,30 @@ class StepOutput:
 
 
 class _SlotCache:
-    """The decode step's KV store: writes each sequence's new K/V at its own cache index and
-    returns views of the pool up to the step's width (the transformers Cache interface)."""
+    """The decode step's KV store: writes each sequence's new K/V at its own cache index (modulo
+    its layer type's capacity) and returns views of the type's pool up to the step's width, or the
+    capacity where that is less (the transformers Cache interface)."""
 
-    def __init__(self, pool: torch.Tensor):
-        self.pool = pool
-        self.rows = self.index = None
-        self.width = 0
+    def __init__(self, pools: dict[str, torch.Tensor], layer_types: list[str]):
+        self.pools = pools
+        self.of_layer = [(t, layer_types[:i].count(t)) for i, t in enumerate(layer_types)]  # (type, index in its pool)
+        self.rows = None
+        self.index: dict[str, torch.Tensor] = {}
+        self.width: dict[str, int] = {}
+
+    def set_step(self, rows: torch.Tensor, index: torch.Tensor, width: int) -> None:
+        self.rows = rows
+        for t, pool in self.pools.items():
+            capacity = pool.shape[4]
+            self.index[t] = index % capacity if capacity < width else index  # a ring once it can wrap
+            self.width[t] = min(width, capacity)
 
     def update(self, k, v, layer_idx, *args, **kwargs):
-        n = k.shape[0]
-        self.pool[layer_idx, 0, self.rows, :, self.index] = k[:, :, 0]
-        self.pool[layer_idx, 1, self.rows, :, self.index] = v[:, :, 0]
-        return (self.pool[layer_idx, 0, :n, :, : self.width], self.pool[layer_idx, 1, :n, :, : self.width])
+        t, j = self.of_layer[layer_idx]
+        pool, index, width, n = self.pools[t], self.index[t], self.width[t], k.shape[0]
+        pool[j, 0, self.rows, :, index] = k[:, :, 0]
+        pool[j, 1, self.rows, :, index] = v[:, :, 0]
+        return pool[j, 0, :n, :, :width], pool[j, 1, :n, :, :width]
 
 
 class FullDecoder:
@@ -99,9 +113,12 @@ class FullDecoder:
         if self.device.type == "cpu":
             self.layers, self.text, self.lm_head = fast_cpu_linears(self.layers, self.text, self.lm_head)
         self.max_seqs, self.max_seq_len = max_seqs, max_seq_len
-        self.pool = torch.zeros(fam.num_layers, 2, max_seqs, fam.num_kv_heads, max_seq_len, fam.head_dim,
-                                dtype=self.dtype, device=self.device)
-        self._cache = _SlotCache(self.pool)
+        # One pool per layer type, as long as its attention reaches (module docstring).
+        self.capacity = {t: min(fam.sliding_window(t) or max_seq_len, max_seq_len) for t in dict.fromkeys(fam.layer_types)}
+        self.layers_of = {t: [i for i, u in enumerate(fam.layer_types) if u == t] for t in self.capacity}
+        self.pools = {t: torch.zeros(len(self.layers_of[t]), 2, max_seqs, fam.num_kv_heads, cap, fam.head_dim,
+                                     dtype=self.dtype, device=self.device) for t, cap in self.capacity.items()}
+        self._cache = _SlotCache(self.pools, fam.layer_types)
         # Each step's inputs (next token, cache index, rope delta per slot), where graphs read them.
         self._inputs = torch.zeros(3, max_seqs, dtype=torch.long, device=self.device)
         self._rows = torch.arange(max_seqs, device=self.device)
@@ -119,12 +136,15 @@ class FullDecoder:
 
     @property
     def kv_pool_bytes(self) -> int:
-        return self.pool.numel() * self.pool.element_size()
+        return sum(pool.numel() * pool.element_size() for pool in self.pools.values())
 
     @property
     def kv_bytes_in_use(self) -> int:
-        per_token = self.family.num_layers * 2 * self.family.num_kv_heads * self.family.head_dim
-        return sum(s.length for s in self.running) * per_token * self.pool.element_size()
+        """The bytes of the pools' entries that running sequences fill."""
+        fam = self.family
+        per_entry = 2 * fam.num_kv_heads * fam.head_dim * self.dtype.itemsize
+        return sum(len(self.layers_of[t]) * min(s.length, cap) * per_entry
+                   for s in self.running for t, cap in self.capacity.items())
 
     @property
     def num_running(self) -> int:
@@ -145,7 +165,7 @@ class FullDecoder:
         if len(self.running) >= self.max_seqs:
             raise DecoderFull(f"all {self.max_seqs} sequence slots are busy")
         slot = len(self.running)
-        self.pool[:, :, slot, :, :n] = handoff.kv.to(self.device)
+        self._store(slot, handoff.kv)
         ends = frozenset(() if params.ignore_eos else stop_token_ids) | frozenset(params.stop_token_ids)
         history = None
         if params.penalises:
@@ -165,11 +185,23 @@ class FullDecoder:
                 last = len(self.running) - 1
                 if slot != last:
                     moved = self.running[last]
-                    self.pool[:, :, slot, :, : moved.length] = self.pool[:, :, last, :, : moved.length]
+                    for t, pool in self.pools.items():  # a ring moves whole: its entries keep their places
+                        filled = min(moved.length, self.capacity[t])
+                        pool[:, :, slot, :, :filled] = pool[:, :, last, :, :filled]
                     self.running[slot] = moved
                 self.running.pop()
                 return True
         return False
+
+    def _store(self, slot: int, kv: torch.Tensor) -> None:
+        """A handoff's KV [L, 2, kv_heads, n, head_dim] into `slot` of each layer type's pool: a
+        ring keeps the last `capacity` cache indices, index i in entry i mod capacity."""
+        n = kv.shape[3]
+        for t, pool in self.pools.items():
+            part = kv if len(self.layers_of[t]) == len(kv) else kv[self.layers_of[t]]
+            keep = min(n, self.capacity[t])
+            entries = torch.arange(n - keep, n, device=pool.device) % self.capacity[t]
+            pool[:, :, slot].index_copy_(3, entries, part[:, :, :, n - keep:].to(self.device))
 
     # ---- the step --------------------------------------------------------------------------
     def _forward(self, batch: int, width: int) -> torch.Tensor:
@@ -179,8 +211,8 @@ class FullDecoder:
         tokens, index, deltas = self._inputs[0, :batch, None], self._inputs[1, :batch], self._inputs[2, :batch]
         hidden = fam.embed(text, tokens)
         pe = fam.rotary(text, hidden, fam.decode_positions(index, deltas))
-        masks = decode_masks(fam, index, width)
-        self._cache.rows, self._cache.index, self._cache.width = self._rows[:batch], index, width
+        masks = decode_masks(fam, index, width, self.capacity)
+        self._cache.set_step(self._rows[:batch], index, width)
         for i, layer in enumerate(self.layers):
             t = fam.layer_types[i]
             hidden = layer(hidden, *pe[t], masks[t], self._cache, i)
@@ -212,7 +244,8 @@ class FullDecoder:
         except RuntimeError as exc:
             log.warning("decode steps stay eager: CUDA graph capture failed: %s", exc)
             self.graphs = {}
-        self.pool.zero_()  # the warm-up wrote K/V at index 0 of the first slots
+        for pool in self.pools.values():  # the warm-up wrote K/V at index 0 of the first slots
+            pool.zero_()
 
     @torch.inference_mode()
     def next_logits(self, mode: str = "auto") -> torch.Tensor:

@@ -52,14 +52,21 @@ def prefill_masks(family: Family, lengths: list[int], width: int, blocks: Option
     return masks
 
 
-def decode_masks(family: Family, cache_index: torch.Tensor, width: int) -> dict[str, torch.Tensor]:
-    """One new token per sequence at cache_index[b]; keys 0..width-1 of each sequence's slot."""
-    k = torch.arange(width, device=cache_index.device)[None, :]
+def decode_masks(family: Family, cache_index: torch.Tensor, width: int,
+                 capacity: Optional[dict[str, int]] = None) -> dict[str, torch.Tensor]:
+    """One new token per sequence at cache_index[b]; keys 0..width-1 of each sequence's slot.
+    With `capacity` (the decoder's pools), a layer type's keys are its entries 0..min(width,
+    capacity)-1: a sliding layer whose pool holds just its window keeps cache index i in entry i
+    mod window, so every entry written so far is in the window, and the written ones are those up
+    to the new token's index, wrapped or not."""
     pos = cache_index[:, None]
-    causal = k <= pos
     masks = {}
     for layer_type in set(family.layer_types):
         window = family.sliding_window(layer_type)
-        m = causal & (k > pos - window) if window is not None else causal
+        cap = (capacity or {}).get(layer_type)
+        k = torch.arange(width if cap is None else min(width, cap), device=cache_index.device)[None, :]
+        m = k <= pos
+        if window is not None and cap is None:
+            m = m & (k > pos - window)
         masks[layer_type] = m[:, None, None, :]  # [B, 1, 1, W]
     return masks

@@ -91,13 +91,21 @@ def test_max_new_tokens_finishes_with_length(stack):
 
 
 def test_remove_frees_slot(stack):
+    """A sequence holds one K and V per layer and cache index, a sliding layer (Gemma-3's; 8 in
+    the tiny checkpoint) at most its window's; removing it frees them."""
     s = stack
+    fam = s.dec.family
     h = s.handoffs()[0]
+
+    def held(n: int) -> int:
+        return sum(min(n, fam.sliding_window(t) or n) for t in fam.layer_types) * 2 * fam.num_kv_heads * fam.head_dim * 4
+
     sid = s.dec.add(h, SamplingParams(max_new_tokens=50))
-    per_token = s.dec.family.num_layers * 2 * s.dec.family.num_kv_heads * s.dec.family.head_dim * 4
-    assert s.dec.num_running == 1 and s.dec.kv_bytes_in_use == h.num_tokens * per_token
+    assert s.dec.num_running == 1 and s.dec.kv_bytes_in_use == held(h.num_tokens)
     s.dec.step()
-    assert s.dec.kv_bytes_in_use == (h.num_tokens + 1) * per_token
+    assert s.dec.kv_bytes_in_use == held(h.num_tokens + 1)
+    entries = sum(min(fam.sliding_window(t) or s.dec.max_seq_len, s.dec.max_seq_len) for t in fam.layer_types)
+    assert s.dec.kv_pool_bytes == s.dec.max_seqs * entries * 2 * fam.num_kv_heads * fam.head_dim * 4
     assert s.dec.remove(sid) is True
     assert s.dec.num_running == 0 and s.dec.kv_bytes_in_use == 0
     assert s.dec.remove(sid) is False  # already gone
