@@ -196,12 +196,17 @@ class FullDecoder:
     def _store(self, slot: int, kv: torch.Tensor) -> None:
         """A handoff's KV [L, 2, kv_heads, n, head_dim] into `slot` of each layer type's pool: a
         ring keeps the last `capacity` cache indices, index i in entry i mod capacity."""
-        n = kv.shape[3]
+        kv, n = kv.to(self.device), kv.shape[3]
         for t, pool in self.pools.items():
-            part = kv if len(self.layers_of[t]) == len(kv) else kv[self.layers_of[t]]
-            keep = min(n, self.capacity[t])
-            entries = torch.arange(n - keep, n, device=pool.device) % self.capacity[t]
-            pool[:, :, slot].index_copy_(3, entries, part[:, :, :, n - keep:].to(self.device))
+            cap = self.capacity[t]
+            start = n % cap if n > cap else 0  # the ring entry of the oldest index kept
+            recent = kv[:, :, :, n - min(n, cap):]  # what the pool keeps
+            # a type of every layer in one copy, others layer by layer (views: no gather)
+            pairs = [(slice(None), slice(None))] if len(self.layers_of[t]) == len(kv) else enumerate(self.layers_of[t])
+            for j, layer in pairs:
+                head, tail = recent[layer, :, :, :cap - start], recent[layer, :, :, cap - start:]
+                pool[j, :, slot, :, start:start + head.shape[-2]] = head
+                pool[j, :, slot, :, :start] = tail
 
     # ---- the step --------------------------------------------------------------------------
     def _forward(self, batch: int, width: int) -> torch.Tensor:
