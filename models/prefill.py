@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from . import attention
 from .families import ImageFeatures
 from .families.base import get_module
 from .kv import KVHandoff, pop_fingerprint
@@ -61,6 +62,7 @@ class PrunedPrefill:
         self.fingerprint = pop_fingerprint(loaded.fingerprint, self.k)
         text = get_module(loaded.model, fam.text_path)
         text.norm = None  # prompt tokens never reach the final norm or the LM head
+        text.config._attn_implementation = attention.NAME  # SDPA; sliding layers over their window's keys
         for layer in text.layers[self.num_kept:]:
             fam.strip_to_kv_projection(layer)
         self.text = text.to(self.device)
