@@ -27,15 +27,25 @@ def windowed_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.T
         return sdpa_attention_forward(module, query, key, value, attention_mask, *args,
                                       sliding_window=sliding_window, **kwargs)
     outs = []
-    for q0 in range(0, q_len, sliding_window):
-        mask = attention_mask[:, :, q0:q0 + sliding_window]
-        keys = mask.any(dim=(0, 1, 2)).nonzero()  # the keys some query of the block sees
-        lo, hi = int(keys[0]), int(keys[-1]) + 1
-        out, _ = sdpa_attention_forward(module, query[:, :, q0:q0 + sliding_window], key[:, :, lo:hi],
-                                        value[:, :, lo:hi], mask[..., lo:hi], *args,
+    for q0, (lo, hi) in zip(range(0, q_len, sliding_window), _key_ranges(attention_mask, sliding_window)):
+        q1 = q0 + sliding_window
+        out, _ = sdpa_attention_forward(module, query[:, :, q0:q1], key[:, :, lo:hi], value[:, :, lo:hi],
+                                        attention_mask[:, :, q0:q1, lo:hi], *args,
                                         sliding_window=sliding_window, **kwargs)
         outs.append(out)
     return torch.cat(outs, dim=1), None
+
+
+def _key_ranges(mask: torch.Tensor, block: int) -> list[tuple[int, int]]:
+    """For each block of `block` queries, the range of keys some query of it sees (each sees at
+    least itself): all blocks at once, one wait for the device per layer, not one per block."""
+    seen = mask.any(dim=(0, 1))  # [Q, K]
+    q_len, k_len = seen.shape
+    seen = torch.nn.functional.pad(seen, (0, 0, 0, -q_len % block)).view(-1, block, k_len).any(1)
+    k = torch.arange(k_len, device=mask.device)
+    lo = torch.where(seen, k, k_len).amin(1)
+    hi = torch.where(seen, k, -1).amax(1) + 1
+    return [tuple(r) for r in torch.stack((lo, hi), 1).tolist()]
 
 
 AttentionInterface.register(NAME, windowed_sdpa)
