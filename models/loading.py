@@ -41,6 +41,29 @@ def cpu_has_native_half() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+# The oldest NVIDIA driver each CUDA major version runs on (NVIDIA's compatibility table).
+MIN_DRIVER = {12: 525, 13: 580}
+NVIDIA_DRIVER_FILE = "/proc/driver/nvidia/version"  # there while the kernel driver is loaded
+
+
+def unusable_gpu(cuda_version: str | None, driver_file: str | None = None) -> str | None:
+    """Why torch cannot use the NVIDIA GPU this machine has (its kernel driver is loaded), or None
+    where there is none: so that `device: auto` does not fall back to the CPU without a word.
+    `cuda_version` is torch.version.cuda (None in a CPU-only build)."""
+    try:
+        text = Path(driver_file or NVIDIA_DRIVER_FILE).read_text()
+    except OSError:
+        return None  # no NVIDIA driver loaded: no GPU to miss
+    found = next((w for w in text.split() if w.count(".") >= 1 and w.split(".")[0].isdigit()), None)
+    driver = f"NVIDIA driver {found}" if found else "an NVIDIA driver"
+    if cuda_version is None:
+        return f"{driver} is loaded, but this torch is a CPU-only build"
+    need = MIN_DRIVER.get(int(cuda_version.split(".")[0]))
+    if found and need and int(found.split(".")[0]) < need:
+        return f"{driver} is older than torch's CUDA {cuda_version} needs (driver {need} or newer)"
+    return f"{driver} is loaded, but torch finds no usable GPU (CUDA_VISIBLE_DEVICES, permissions?)"
+
+
 def torch_dtype(name: str, config_dtype, device: str = "cpu") -> torch.dtype:
     """'auto' = the checkpoint's dtype, except on CPUs that would only emulate bf16/fp16:
     there the weights are upcast to float32 for compute (same model, faster, more memory)."""

@@ -6,6 +6,7 @@ KubeRay serveConfigV2 application, so every way of starting the server agrees on
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -201,7 +202,11 @@ class ServeConfig(_Strict):
         if cfg.device == "auto":
             import torch
 
+            from popserve.models.loading import unusable_gpu
+
             cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+            if cfg.device == "cpu" and (why := unusable_gpu(torch.version.cuda)):
+                logging.getLogger("popserve").warning("device auto: serving on the CPU: %s", why)
         if cfg.served_model_name is None:
             cfg.served_model_name = Path(cfg.model).name if Path(cfg.model).exists() else cfg.model
         return cfg

@@ -284,3 +284,29 @@ def test_signal_while_starting_aborts_and_cleans_up(signame, when, own_ray_tmpdi
     _wait_for(lambda: not (_alive(seen) or _pids_holding(ray_tmp)), 15, poll=0.5)
     left = _alive(seen) | _pids_holding(ray_tmp)
     assert not left, {pid: _cmdline(pid)[:200] for pid in left}
+
+
+def test_device_auto_names_the_gpu_that_torch_cannot_use(tmp_path, monkeypatch, caplog):
+    """A machine whose NVIDIA driver is loaded but too old for torch's CUDA (CUDA 13 needs driver
+    580), or a CPU-only torch beside a GPU: `device: auto` serves on the CPU and says why at start,
+    instead of falling back without a word. No driver loaded: nothing to say."""
+    import logging
+
+    from popserve.models import loading
+    from popserve.models.checkpoint import default_model_dir
+    from popserve.service.config import ServeConfig
+
+    driver = tmp_path / "version"
+    assert loading.unusable_gpu("13.0", str(driver)) is None
+    driver.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
+                      "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")
+    assert loading.unusable_gpu("13.0", str(driver)) == (
+        "NVIDIA driver 535.104.05 is older than torch's CUDA 13.0 needs (driver 580 or newer)")
+    assert loading.unusable_gpu("12.8", str(driver)).startswith("NVIDIA driver 535.104.05 is loaded, but torch finds")
+    assert loading.unusable_gpu(None, str(driver)) == "NVIDIA driver 535.104.05 is loaded, but this torch is a CPU-only build"
+
+    monkeypatch.setattr(loading, "NVIDIA_DRIVER_FILE", str(driver))  # the machine's driver, as a file here
+    with caplog.at_level(logging.WARNING, logger="popserve"):
+        cfg = ServeConfig(model=str(default_model_dir()), device="auto").resolved()
+    assert cfg.device == "cpu"  # no GPU torch can use on this machine
+    assert "device auto: serving on the CPU: NVIDIA driver 535.104.05" in caplog.text
