@@ -150,14 +150,18 @@ class FullDecoder:
     def num_running(self) -> int:
         return len(self.running)
 
+    def check(self, handoff: KVHandoff) -> None:
+        """Raise HandoffMismatch unless this decoder can consume the handoff."""
+        fam = self.family
+        handoff.check(self.accepted, fam.layer_types, fam.layer_windows, fam.num_kv_heads, fam.head_dim, self.dtype)
+
     def can_admit(self, handoff_tokens: int, max_new_tokens: int, count: int = 1) -> bool:
         """Whether `count` sequences of this size fit now (n > 1 choices share one handoff)."""
         return len(self.running) + count <= self.max_seqs and handoff_tokens + 1 + max_new_tokens <= self.max_seq_len
 
     # ---- sequences -------------------------------------------------------------------------
     def add(self, handoff: KVHandoff, params: SamplingParams, stop_token_ids=()) -> int:
-        fam = self.family
-        handoff.check(self.accepted, fam.num_layers, fam.num_kv_heads, fam.head_dim, self.dtype)
+        self.check(handoff)
         n = handoff.num_tokens
         if n + 1 + params.max_new_tokens > self.max_seq_len:
             raise DecoderFull(f"prompt ({n + 1}) + max_new_tokens ({params.max_new_tokens}) exceeds "
@@ -165,7 +169,7 @@ class FullDecoder:
         if len(self.running) >= self.max_seqs:
             raise DecoderFull(f"all {self.max_seqs} sequence slots are busy")
         slot = len(self.running)
-        self._store(slot, handoff.kv)
+        self._store(slot, handoff)
         ends = frozenset(() if params.ignore_eos else stop_token_ids) | frozenset(params.stop_token_ids)
         history = None
         if params.penalises:
@@ -193,20 +197,19 @@ class FullDecoder:
                 return True
         return False
 
-    def _store(self, slot: int, kv: torch.Tensor) -> None:
-        """A handoff's KV [L, 2, kv_heads, n, head_dim] into `slot` of each layer type's pool: a
-        ring keeps the last `capacity` cache indices, index i in entry i mod capacity."""
-        kv, n = kv.to(self.device), kv.shape[3]
-        for t, pool in self.pools.items():
-            cap = self.capacity[t]
+    def _store(self, slot: int, handoff: KVHandoff) -> None:
+        """A handoff's KV into `slot` of each layer type's pool, a type in one copy (two where a
+        ring wraps): a ring keeps the last `capacity` cache indices, index i in entry i mod capacity."""
+        n = handoff.num_tokens
+        for (layers, _), kv in zip(handoff.groups, handoff.blocks(self.device)):
+            t = self.family.layer_types[layers[0]]  # check(): a group is one type's layers, in its pool's order
+            pool, cap = self.pools[t], self.capacity[t]
             start = n % cap if n > cap else 0  # the ring entry of the oldest index kept
-            recent = kv[:, :, :, n - min(n, cap):]  # what the pool keeps
-            # a type of every layer in one copy, others layer by layer (views: no gather)
-            pairs = [(slice(None), slice(None))] if len(self.layers_of[t]) == len(kv) else enumerate(self.layers_of[t])
-            for j, layer in pairs:
-                head, tail = recent[layer, :, :, :cap - start], recent[layer, :, :, cap - start:]
-                pool[j, :, slot, :, start:start + head.shape[-2]] = head
-                pool[j, :, slot, :, :start] = tail
+            recent = kv[:, :, :, kv.shape[3] - min(n, cap):]  # what the pool keeps
+            head = recent[:, :, :, :cap - start]
+            pool[:, :, slot, :, start:start + head.shape[3]] = head
+            if start:
+                pool[:, :, slot, :, :start] = recent[:, :, :, cap - start:]
 
     # ---- the step --------------------------------------------------------------------------
     def _forward(self, batch: int, width: int) -> torch.Tensor:

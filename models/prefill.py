@@ -137,10 +137,10 @@ class PrunedPrefill:
                 kv = buf[:, :, b, :, : n + m].contiguous()
             else:
                 kv = torch.cat((buf[:, :, b, :, :n], buf[:, :, b, :, past_width: past_width + m]), dim=3)
-            if cache:
+            if cache:  # whole: a longer prompt reusing these blocks reaches past a window of them
                 cache.insert(keys[b], kv)
-            out.append(KVHandoff(
-                kv=kv, last_token=int(r.input_ids[-1]), rope_delta=deltas[b], pop_ratio=self.pop_ratio,
+            out.append(KVHandoff.pack(
+                kv, fam.layer_types, fam.layer_windows, last_token=int(r.input_ids[-1]), rope_delta=deltas[b], pop_ratio=self.pop_ratio,
                 skipped_layers=self.k, fingerprint=self.fingerprint, prompt_tokens=n + m + 1, created_at=now,
                 cached_tokens=n, prompt_ids=r.input_ids,
             ))

@@ -33,13 +33,16 @@ def replicas(ray_cluster):
             g = torch.Generator(device="cuda").manual_seed(seed)
             kv = torch.randn(SHAPE, generator=g, device="cuda").to(torch.bfloat16)
             self.checksum = float(kv.float().sum())
-            return await send(KVHandoff(kv, 1, 0, 1 / 3, 12, "f", SHAPE[3] + 1, time.time()), deliver_to)
+            handoff = KVHandoff.pack(kv, ["full_attention"] * SHAPE[0], [None] * SHAPE[0], last_token=1, rope_delta=0,
+                                     pop_ratio=1 / 3, skipped_layers=12, fingerprint="f",
+                                     prompt_tokens=SHAPE[3] + 1, created_at=time.time())
+            return await send(handoff, deliver_to)
 
         async def consume(self, handoff):
             t = time.perf_counter()
             h = await receive(handoff)
             total = float(h.kv.float().sum())  # reads every byte, after the producer's event
-            return h.kv.is_cuda, tuple(h.kv.shape), total, time.perf_counter() - t
+            return h.kv.is_cuda, (len(h.kept), *h.layers()[0].shape), total, time.perf_counter() - t
 
         def allocated(self) -> int:
             torch.cuda.synchronize()

@@ -197,7 +197,7 @@ def test_full_prefill_matches_hf_generate(stack, name):
             torch.testing.assert_close(a.data, b.data)
     [handoff] = s.pre0.prefill([req])
     assert handoff.skipped_layers == 0 and handoff.prompt_tokens == prompt.num_tokens
-    assert handoff.kv.shape[3] == prompt.num_tokens - 1 and handoff.kv.is_contiguous()
+    assert max(handoff.kept) == prompt.num_tokens - 1 and handoff.kv.is_contiguous()  # full-attention layers: all
     ref = hf_generate(s, batch)
     [ours] = ours_generate(s, [handoff])
     assert len(ref) >= 4
@@ -226,7 +226,7 @@ def test_batch_of_three_matches_hf_one_by_one(stack):
     together = s.pre0.prefill(reqs)  # one right-padded batch
     alone = [s.pre0.prefill([r])[0] for r in reqs]
     for a, b in zip(together, alone):
-        assert a.kv.shape == b.kv.shape and a.kv.is_contiguous()
+        assert a.kept == b.kept and a.kv.is_contiguous()
         torch.testing.assert_close(a.kv, b.kv, atol=ATOL, rtol=RTOL)
         assert (a.last_token, a.rope_delta, a.prompt_tokens) == (b.last_token, b.rope_delta, b.prompt_tokens)
 
@@ -304,15 +304,19 @@ def test_pop_kv_kept_layers_and_eq14(stack, name):
     [pop] = s.pre.prefill([req])
     L, k = s.L, s.k
     assert k == round(L * POP) == 2 and s.pre.num_kept == L - k
-    assert pop.kv.shape == full.kv.shape and pop.skipped_layers == k
+    assert pop.kept == full.kept and pop.skipped_layers == k
+    pop_kv, full_kv = pop.layers(), full.layers()  # [2, kv heads, kept, head dim] each: the last `kept` tokens
+
+    def tail(x, l):  # of a [kv heads, tokens, head dim] reference, what layer l's handoff keeps
+        return x[:, x.shape[1] - pop.kept[l]:]
 
     # Kept layers: identical to full prefill (ours) and to the HF full model's cache.
     cache, seen = hf_prefix_forward(s, batch, k_skip=0)
-    torch.testing.assert_close(pop.kv[: L - k], full.kv[: L - k], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(pop_kv[: L - k], full_kv[: L - k], atol=ATOL, rtol=RTOL)
     for l in range(L):
         kh, vh = cache.record[l]
-        torch.testing.assert_close(full.kv[l, 0], kh[0], atol=ATOL, rtol=RTOL)
-        torch.testing.assert_close(full.kv[l, 1], vh[0], atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(full_kv[l][0], tail(kh[0], l), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(full_kv[l][1], tail(vh[0], l), atol=ATOL, rtol=RTOL)
 
     # Skipped layers: Eq. 14 from h = hidden state leaving layer L-k-1. Qwen3-VL deepstack is added
     # after layers 0..D-1 only; with D <= L-k the pre-hook on layer L-k sees it already added.
@@ -322,18 +326,18 @@ def test_pop_kv_kept_layers_and_eq14(stack, name):
     with torch.no_grad():
         ref = eq14_reference(s, seen["h"], batch)
     for l, (kr, vr) in ref.items():
-        torch.testing.assert_close(pop.kv[l, 0], kr, atol=ATOL, rtol=RTOL)
-        torch.testing.assert_close(pop.kv[l, 1], vr, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(pop_kv[l][0], tail(kr, l), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(pop_kv[l][1], tail(vr, l), atol=ATOL, rtol=RTOL)
         # Layer L-k sees h in both runs; deeper skipped layers do not write what the full model
         # writes (so this comparison can tell POP from full prefill).
         if l > L - k:
-            assert not torch.allclose(pop.kv[l], full.kv[l], atol=1e-3)
+            assert not torch.allclose(pop_kv[l], full_kv[l], atol=1e-3)
 
     # Second, independent formulation: HF with skipped layers made identity by hooks.
     pop_cache, _ = hf_prefix_forward(s, batch, k_skip=k)
     for l in range(L):
-        torch.testing.assert_close(pop.kv[l, 0], pop_cache.record[l][0][0], atol=ATOL, rtol=RTOL)
-        torch.testing.assert_close(pop.kv[l, 1], pop_cache.record[l][1][0], atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(pop_kv[l][0], tail(pop_cache.record[l][0][0], l), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(pop_kv[l][1], tail(pop_cache.record[l][1][0], l), atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -409,7 +413,7 @@ def test_boundary_step_uses_full_model(stack, perturbed):
     # layer L-k+1), so the equality above is evidence of skipping, not of a no-op perturbation.
     [pert_full] = PrunedPrefill(perturbed, pop_ratio=0.0).prefill([req])
     [orig_full] = s.pre0.prefill([req])
-    assert not torch.allclose(pert_full.kv[s.L - 1], orig_full.kv[s.L - 1], atol=1e-4)
+    assert not torch.allclose(pert_full.layers()[s.L - 1], orig_full.layers()[s.L - 1], atol=1e-4)
 
     dec_p = FullDecoder(perturbed, pop_ratio=POP, max_seqs=1, max_seq_len=128)
     logits = []

@@ -31,6 +31,7 @@ from popserve.models.kv import HandoffMismatch  # noqa: E402
 from popserve.models.loading import PackedLinear  # noqa: E402
 from popserve.models.pop import PopConfigError, skipped_layer_count  # noqa: E402
 from popserve.models.prefill import PrefillRequest, PrunedPrefill  # noqa: E402
+from popserve.models.prefix_cache import BLOCK_TOKENS, block_keys  # noqa: E402
 from popserve.models.prompt import PromptBuilder  # noqa: E402
 from popserve.models.sampling import SamplingParams  # noqa: E402
 
@@ -76,15 +77,40 @@ def test_full_prefill_handoff_is_accepted_by_pop_decoder(stack):
 def test_handoff_with_wrong_shape_or_dtype_is_refused(stack):
     s = stack
     h = handoff_from(s.pre, s.prompt)
+    (*first, (last_layers, last_kept)) = h.groups
     bad = [
-        (h.kv.double(), "float64"),
-        (h.kv[:-1].contiguous(), "expected"),  # a layer missing
+        ({"kv": h.kv.double()}, "float64"),
+        ({"kv": h.kv[:-2 * h.kv_heads * h.head_dim * last_kept],  # the last layer missing
+          "groups": (*first, (last_layers[:-1], last_kept))}, "expected"),
+        ({"prompt_tokens": h.prompt_tokens + 1}, "expected"),  # a token short
+        ({"kv_heads": h.kv_heads * 2, "head_dim": h.head_dim // 2}, "expected"),
     ]
-    for kv, needle in bad:
-        wrong = type(h)(**{**h.__dict__, "kv": kv})
+    for fields, needle in bad:
+        wrong = type(h)(**{**h.__dict__, **fields})
         with pytest.raises(HandoffMismatch, match=needle):
             s.dec.add(wrong, SamplingParams(max_new_tokens=2))
     assert s.dec.num_running == 0
+
+
+def test_handoff_keeps_what_each_layer_reaches(stack):
+    """Each layer hands decode only the keys its attention still reaches: all N-1 prompt tokens
+    for full attention, the last window of them for Gemma-3's sliding layers (window 8 in the tiny
+    checkpoint), cut from the very K/V a prefill computes (the prefix cache keeps them whole)."""
+    s = stack
+    fam = s.pre.family
+    cached = PrunedPrefill(s.dir, pop_ratio=POP, prefix_cache_bytes=1 << 24)
+    n = 2 * BLOCK_TOKENS  # the prompt's t_1..t_{N-1}: two whole blocks, so the cache holds them all
+    ids = s.prompt.input_ids.repeat(n // s.prompt.num_tokens + 1)[: n + 1]
+    h = cached.prefill([PrefillRequest(ids)])[0]
+    assert h.num_tokens == n and len(cached.cache.blocks) == 2
+    windows = fam.layer_windows
+    assert h.kept == tuple(min(n, w or n) for w in windows)
+    assert h.nbytes == 2 * h.kv_heads * h.head_dim * sum(h.kept) * h.kv.element_size()
+    hit, whole = cached.cache.lookup(block_keys(ids[:-1], []), n)  # [L, 2, kv_heads, n, head_dim]
+    assert hit == n and (s.family == "qwen3-vl" or h.nbytes < whole.numel() * whole.element_size() / 2)
+    for i, kv in enumerate(h.layers()):
+        assert kv.shape == (2, h.kv_heads, h.kept[i], h.head_dim)
+        assert torch.equal(kv, whole[i, :, :, n - h.kept[i]:])
 
 
 def test_handoff_from_another_seed_is_refused(qwen_dir, tmp_path_factory):

@@ -358,9 +358,8 @@ def test_zero_copy_tensors_maps_a_handoff_from_the_store(ray_cluster, zero_copy)
 
     @ray.remote(runtime_env=env["Prefill"])
     def prefill():
-        kv = expected.clone()
-        return KVHandoff(kv=kv, last_token=7, rope_delta=0, pop_ratio=1 / 3, skipped_layers=1,
-                         fingerprint="f" * 16, prompt_tokens=301)
+        return KVHandoff.pack(expected.clone(), ["full_attention"] * 4, [None] * 4, last_token=7, rope_delta=0,
+                              pop_ratio=1 / 3, skipped_layers=1, fingerprint="f" * 16, prompt_tokens=301)
 
     @ray.remote(runtime_env=env["Decode"])
     def decode(handoff):

@@ -123,6 +123,11 @@ class Family:
     def sliding_window(self, layer_type: str) -> Optional[int]:
         return None
 
+    @property
+    def layer_windows(self) -> list[Optional[int]]:
+        """Per layer, how many of the last keys its attention reaches (None: all of them)."""
+        return [self.sliding_window(t) for t in self.layer_types]
+
     # ---- layer surgery for POP -------------------------------------------------------------
     @staticmethod
     def strip_to_kv_projection(layer: nn.Module) -> None:

@@ -117,7 +117,7 @@ class DecodeScheduler:
                 self.prefilling -= 1
                 self._prefilling_seqs -= n
         try:
-            handoff.check(dec.accepted, fam.num_layers, fam.num_kv_heads, fam.head_dim, dec.dtype)
+            dec.check(handoff)
         except HandoffMismatch as exc:
             raise ServeError(str(exc), code="handoff_mismatch") from None
         if handoff.num_tokens + 1 + params.max_new_tokens > dec.max_seq_len:
