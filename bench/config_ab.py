@@ -26,6 +26,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import (bench_checkpoint, bodies_for, request_fields, run_load, sharing_note,  # noqa: E402
                      warm_up, write_report)
+from serve import handoffs  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROCESSES = {"Encoder": "ServeReplica:popserve:VisionEncoder", "Prefill": "ServeReplica:popserve:Prefill ",
@@ -86,14 +87,16 @@ def run_arm(model: str, base: dict, arm: str, loads, tok, seed: int, max_tokens:
         for workload, clients, n in loads:
             bodies = bodies_for(workload, name, tok, n, seed, max_tokens, body)
             seed += n
-            before = cpu_seconds()
+            before, handed_before = cpu_seconds(), handoffs()
             res = asyncio.run(run_load(url, bodies, clients))
-            after = cpu_seconds()
+            after, (handed, secs) = cpu_seconds(), (b - a for a, b in zip(handed_before, handoffs()))
             tokens = res["out_tok_s"] * res["wall_s"]
             res["cpu_ms_per_token"] = {k: (after[k] - before[k]) * 1000 / max(1.0, tokens) for k in PROCESSES}
+            res["handoff_ms"] = secs * 1000 / max(1, handed)  # prefill done -> KV in decode's pool
             out[(workload, clients)] = res
             print(f"[{arm or 'default'}] {workload} c={clients}: {res['out_tok_s']:.1f} tok/s, TTFT p50 "
-                  f"{res['ttft_p50']*1000:.0f} ms, ITL p50 {res['itl_p50']*1000:.1f} ms, CPU ms/token "
+                  f"{res['ttft_p50']*1000:.0f} ms, ITL p50 {res['itl_p50']*1000:.1f} ms, "
+                  f"handoff {res['handoff_ms']:.1f} ms, CPU ms/token "
                   + ", ".join(f"{k} {v:.2f}" for k, v in res["cpu_ms_per_token"].items()), flush=True)
     finally:
         launcher.stop()
@@ -108,19 +111,19 @@ def report(runs: dict[str, list[dict]], loads, header: str) -> str:
 
     name = lambda arm: f"`{arm}`" if arm else "default"  # noqa: E731
     lines = [header, "", "| load | arm | output tok/s | TTFT p50 (ms) | TPOT p50 (ms) | ITL p50 / p90 (ms) | "
-             + " | ".join(f"{k} CPU ms / token" for k in PROCESSES) + " |",
-             "|---|---|---:|---:|---:|---:|" + "---:|" * len(PROCESSES)]
+             "handoff (ms) | " + " | ".join(f"{k} CPU ms / token" for k in PROCESSES) + " |",
+             "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(PROCESSES)]
     for workload, clients, _ in loads:
         load, who = (workload, clients), f"{workload}, {clients} client{'s' if clients > 1 else ''}"
         for arm in arms:
             lines.append(f"| {who} | {name(arm)} | {med(arm, load, 'out_tok_s'):.1f} | "
                          f"{med(arm, load, 'ttft_p50')*1000:.0f} | {med(arm, load, 'tpot_p50')*1000:.1f} | "
                          f"{med(arm, load, 'itl_p50')*1000:.1f} / {med(arm, load, 'itl_p90')*1000:.1f} | "
-                         + " | ".join(f"{med(arm, load, 'cpu_ms_per_token', k):.2f}" for k in PROCESSES) + " |")
+                         f"{med(arm, load, 'handoff_ms'):.1f} | " + " | ".join(f"{med(arm, load, 'cpu_ms_per_token', k):.2f}" for k in PROCESSES) + " |")
         for arm in arms[1:]:
             ratio = lambda key, sub=None: med(arm, load, key, sub) / max(1e-9, med(arms[0], load, key, sub))  # noqa: E731
             lines.append(f"| {who} | {name(arm)} / {name(arms[0])} | {ratio('out_tok_s'):.2f}x | "
-                         f"{ratio('ttft_p50'):.2f}x | {ratio('tpot_p50'):.2f}x | | "
+                         f"{ratio('ttft_p50'):.2f}x | {ratio('tpot_p50'):.2f}x | | {ratio('handoff_ms'):.2f}x | "
                          + " | ".join(f"{ratio('cpu_ms_per_token', k):.2f}x" for k in PROCESSES) + " |")
     return "\n".join(lines)
 
