@@ -160,7 +160,7 @@ def test_config_ab_report_gives_each_arm_and_its_ratio_to_the_first():
 
     def run(tok_s, ttft):
         return {("text64", 1): {"out_tok_s": tok_s, "ttft_p50": ttft, "tpot_p50": 0.02, "itl_p50": 0.02,
-                                "itl_p90": 0.03, "cpu_ms_per_token": dict.fromkeys(config_ab.PROCESSES, 2.0)}}
+                                "itl_p90": 0.03, "handoff_ms": ttft * 10, "cpu_ms_per_token": dict.fromkeys(config_ab.PROCESSES, 2.0)}}
 
     runs = {"": [run(10.0, 0.5), run(12.0, 0.7)], "engine.stream_interval=4": [run(15.0, 0.3), run(13.0, 0.3)]}
     text = config_ab.report(runs, [("text64", 1, 2)], "header")
@@ -168,7 +168,8 @@ def test_config_ab_report_gives_each_arm_and_its_ratio_to_the_first():
     assert [r.split(" | ")[1] for r in rows] == ["default", "`engine.stream_interval=4`",
                                                  "`engine.stream_interval=4` / default"]
     assert "| 11.0 | 600 |" in rows[0] and "| 14.0 | 300 |" in rows[1]  # medians of the two rounds
-    assert "| 1.27x | 0.50x |" in rows[2]  # 14 / 11 tok/s, 300 / 600 ms
+    assert "| 6.0 |" in rows[0] and "| 3.0 |" in rows[1]  # the handoff's milliseconds
+    assert "| 1.27x | 0.50x | 1.00x | | 0.50x |" in rows[2]  # 14 / 11 tok/s, 300 / 600 ms, TPOT, the handoff
 
 
 def test_every_bench_script_compiles_on_this_python():

@@ -440,13 +440,6 @@ class _FakeHandoff:
     nbytes = 0
     created_at = 0.0
 
-    def check(self, *a):
-        pass
-
-
-class _FakeFamily:
-    num_layers, num_kv_heads, head_dim = 1, 1, 1
-
 
 class _FakeDecoder:
     """Slots and steps like FullDecoder; each step takes 20 ms in the worker thread."""
@@ -455,7 +448,6 @@ class _FakeDecoder:
         from popserve.models.decoder import StepOutput
 
         self.StepOutput = StepOutput
-        self.family, self.accepted, self.dtype = _FakeFamily(), {}, None
         self.max_seqs, self.max_seq_len = max_seqs, 1024
         self.running: dict[int, int] = {}
         self.next_id = 0
@@ -465,6 +457,9 @@ class _FakeDecoder:
     @property
     def num_running(self):
         return len(self.running)
+
+    def check(self, handoff):
+        pass
 
     def can_admit(self, n, m, count=1):
         return len(self.running) + count <= self.max_seqs

@@ -92,7 +92,6 @@ class DecodeScheduler:
         queue bound is checked first, so a full decode turns a request away before any prefill
         work, and a request being prefilled holds its place in the queue."""
         dec = self.decoder
-        fam = dec.family
         # Bounded: free slots (filled at the next step) plus max_waiting. Counting the free slots,
         # not asking can_admit(), keeps a burst that lands between two steps within the bound.
         free = max(0, dec.max_seqs - dec.num_running)
