@@ -96,7 +96,7 @@ def run_arm(model: str, base: dict, arm: str, loads, tok, seed: int, max_tokens:
             out[(workload, clients)] = res
             print(f"[{arm or 'default'}] {workload} c={clients}: {res['out_tok_s']:.1f} tok/s, TTFT p50 "
                   f"{res['ttft_p50']*1000:.0f} ms, ITL p50 {res['itl_p50']*1000:.1f} ms, "
-                  f"handoff {res['handoff_ms']:.1f} ms, CPU ms/token "
+                  f"handoff mean {res['handoff_ms']:.1f} ms, CPU ms/token "
                   + ", ".join(f"{k} {v:.2f}" for k, v in res["cpu_ms_per_token"].items()), flush=True)
     finally:
         launcher.stop()
@@ -111,7 +111,7 @@ def report(runs: dict[str, list[dict]], loads, header: str) -> str:
 
     name = lambda arm: f"`{arm}`" if arm else "default"  # noqa: E731
     lines = [header, "", "| load | arm | output tok/s | TTFT p50 (ms) | TPOT p50 (ms) | ITL p50 / p90 (ms) | "
-             "handoff (ms) | " + " | ".join(f"{k} CPU ms / token" for k in PROCESSES) + " |",
+             "handoff, mean (ms) | " + " | ".join(f"{k} CPU ms / token" for k in PROCESSES) + " |",
              "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(PROCESSES)]
     for workload, clients, _ in loads:
         load, who = (workload, clients), f"{workload}, {clients} client{'s' if clients > 1 else ''}"
