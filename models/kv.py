@@ -63,7 +63,7 @@ class KVHandoff:
         if len(groups) == 1 and groups[0][1] == tokens:  # one type that keeps every token
             flat = kv.contiguous().view(-1)
         else:
-            flat = torch.empty(2 * heads * dim * sum(len(ix) * n for ix, n in groups), dtype=kv.dtype, device=kv.device)
+            flat = torch.empty(_numel(groups, heads, dim), dtype=kv.dtype, device=kv.device)
             for (layers, n), dest in zip(groups, _split(flat, groups, heads, dim)):
                 torch.index_select(kv[:, :, :, tokens - n:], 0, torch.tensor(layers, device=kv.device), out=dest)
         return KVHandoff(kv=flat, groups=groups, kv_heads=heads, head_dim=dim, **meta)
@@ -109,15 +109,19 @@ class KVHandoff:
             )
         want = layer_groups(layer_types, windows, self.num_tokens)
         if ((self.groups, self.kv_heads, self.head_dim, self.kv.dtype) != (want, kv_heads, head_dim, dtype)
-                or self.kv.numel() != 2 * kv_heads * head_dim * sum(len(ix) * n for ix, n in want)
+                or self.kv.numel() != _numel(want, kv_heads, head_dim)
                 or not self.kv.is_contiguous()):
             raise HandoffMismatch(f"KV handoff of {_describe(self.groups)}, {self.kv_heads} kv heads x {self.head_dim}, "
                                   f"{self.kv.dtype}, {self.kv.numel()} values; expected {_describe(want)}, "
                                   f"{kv_heads} x {head_dim}, {dtype}")
 
 
+def _numel(groups: Groups, heads: int, dim: int) -> int:
+    return sum(len(layers) * 2 * heads * n * dim for layers, n in groups)
+
+
 def _split(flat: torch.Tensor, groups: Groups, heads: int, dim: int) -> list[torch.Tensor]:
-    sizes = [len(layers) * 2 * heads * n * dim for layers, n in groups]
+    sizes = [_numel((group,), heads, dim) for group in groups]
     return [part.view(len(layers), 2, heads, n, dim) for part, (layers, n) in zip(flat.split(sizes), groups)]
 
 
