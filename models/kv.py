@@ -126,5 +126,5 @@ def _split(flat: torch.Tensor, groups: Groups, heads: int, dim: int) -> list[tor
 
 
 def _describe(groups: Groups) -> str:
-    """"24 layers keeping 40 tokens, 6 keeping 8": a handoff's layout, short."""
+    """"20 layers keeping 512 tokens, 4 layers keeping 2047 tokens": a handoff's layout, short."""
     return ", ".join(f"{len(layers)} layers keeping {n} tokens" for layers, n in groups) or "no layers"
