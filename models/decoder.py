@@ -204,12 +204,12 @@ class FullDecoder:
         for (layers, _), kv in zip(handoff.groups, handoff.blocks(self.device)):
             t = self.family.layer_types[layers[0]]  # check(): a group is one type's layers, in its pool's order
             pool, cap = self.pools[t], self.capacity[t]
+            # check() and add() leave the group exactly what the pool keeps: its last min(n, cap) indices
             start = n % cap if n > cap else 0  # the ring entry of the oldest index kept
-            recent = kv[:, :, :, kv.shape[3] - min(n, cap):]  # what the pool keeps
-            head = recent[:, :, :, :cap - start]
+            head = kv[:, :, :, :cap - start]
             pool[:, :, slot, :, start:start + head.shape[3]] = head
             if start:
-                pool[:, :, slot, :, :start] = recent[:, :, :, cap - start:]
+                pool[:, :, slot, :, :start] = kv[:, :, :, cap - start:]
 
     # ---- the step --------------------------------------------------------------------------
     def _forward(self, batch: int, width: int) -> torch.Tensor:
