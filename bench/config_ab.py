@@ -8,7 +8,10 @@ An arm is a comma-separated list of dotted ServeConfig settings ("" is the defau
 each round, starts popserve on the bench checkpoint once per arm (the order alternates between
 rounds) and runs every load ("workload:clients:requests"; workloads as in bench/peers.py). Besides
 TTFT / TPOT / ITL / tok/s it reads the CPU seconds of each stage's processes from /proc, per
-output token. Medians over the rounds, and each arm's ratios against the first.
+output token, and of everything else on the machine ("rest": Ray's own processes, this load
+generator) and how much of both cores stayed idle; from the decode replica, the handoff's mean
+time and the mean decode batch (tokens per step: small batches cost the most CPU per token).
+Medians over the rounds, and each arm's ratios against the first.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import (bench_checkpoint, bodies_for, request_fields, run_load, sharing_note,  # noqa: E402
                      warm_up, write_report)
-from serve import handoffs  # noqa: E402
+from serve import decode_stats  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROCESSES = {"Encoder": "ServeReplica:popserve:VisionEncoder", "Prefill": "ServeReplica:popserve:Prefill ",
@@ -64,14 +67,30 @@ def parse_loads(text: str) -> list[tuple[str, int, int]]:
 
 
 def cpu_seconds() -> dict[str, float]:
-    """By process title: `ray::ServeReplica:popserve:Prefill ` (the space keeps PrefillFull out)."""
+    """By process title: `ray::ServeReplica:popserve:Prefill ` (the space keeps PrefillFull out);
+    "busy" and "idle": the whole machine's (all cores)."""
     out = dict.fromkeys(PROCESSES, 0.0)
     for proc in psutil.process_iter(["cmdline", "cpu_times"]):
         title = " ".join(proc.info.get("cmdline") or []) + " "
         for name, marker in PROCESSES.items():
             if marker in title and proc.info["cpu_times"]:
                 out[name] += proc.info["cpu_times"].user + proc.info["cpu_times"].system
+    machine = psutil.cpu_times()
+    out["idle"] = machine.idle + getattr(machine, "iowait", 0.0)
+    out["busy"] = sum(machine) - out["idle"] - getattr(machine, "guest", 0.0) - getattr(machine, "guest_nice", 0.0)
     return out
+
+
+def load_counters(before: dict, after: dict, stats_before: dict, stats_after: dict, tokens: float, wall_s: float) -> dict:
+    """What one load cost: CPU ms per output token by stage and for the rest of the machine, the
+    idle share of all cores, the handoff's mean time and decode's mean batch (tokens per step)."""
+    per_token = {k: (after[k] - before[k]) * 1000 / max(1.0, tokens) for k in PROCESSES}
+    per_token["rest"] = (after["busy"] - before["busy"]) * 1000 / max(1.0, tokens) - sum(per_token.values())
+    delta = {k: stats_after[k] - stats_before[k] for k in ("handoffs", "handoff_seconds", "steps", "tokens_out")}
+    return {"cpu_ms_per_token": per_token,
+            "idle_pct": 100 * (after["idle"] - before["idle"]) / max(1e-9, wall_s * (psutil.cpu_count() or 1)),
+            "handoff_ms": delta["handoff_seconds"] * 1000 / max(1, delta["handoffs"]),  # prefill done -> KV in decode's pool
+            "decode_batch": delta["tokens_out"] / max(1, delta["steps"])}
 
 
 def run_arm(model: str, base: dict, arm: str, loads, tok, seed: int, max_tokens: int, body: dict | None = None) -> dict:
@@ -87,16 +106,15 @@ def run_arm(model: str, base: dict, arm: str, loads, tok, seed: int, max_tokens:
         for workload, clients, n in loads:
             bodies = bodies_for(workload, name, tok, n, seed, max_tokens, body)
             seed += n
-            before, handed_before = cpu_seconds(), handoffs()
+            before, stats_before = cpu_seconds(), decode_stats()
             res = asyncio.run(run_load(url, bodies, clients))
-            after, (handed, secs) = cpu_seconds(), (b - a for a, b in zip(handed_before, handoffs()))
-            tokens = res["out_tok_s"] * res["wall_s"]
-            res["cpu_ms_per_token"] = {k: (after[k] - before[k]) * 1000 / max(1.0, tokens) for k in PROCESSES}
-            res["handoff_ms"] = secs * 1000 / max(1, handed)  # prefill done -> KV in decode's pool
+            after, stats_after = cpu_seconds(), decode_stats()
+            res.update(load_counters(before, after, stats_before, stats_after, res["out_tok_s"] * res["wall_s"], res["wall_s"]))
             out[(workload, clients)] = res
             print(f"[{arm or 'default'}] {workload} c={clients}: {res['out_tok_s']:.1f} tok/s, TTFT p50 "
                   f"{res['ttft_p50']*1000:.0f} ms, ITL p50 {res['itl_p50']*1000:.1f} ms, "
-                  f"handoff mean {res['handoff_ms']:.1f} ms, CPU ms/token "
+                  f"handoff mean {res['handoff_ms']:.1f} ms, decode batch {res['decode_batch']:.1f}, "
+                  f"idle {res['idle_pct']:.0f}%, CPU ms/token "
                   + ", ".join(f"{k} {v:.2f}" for k, v in res["cpu_ms_per_token"].items()), flush=True)
     finally:
         launcher.stop()
@@ -110,21 +128,26 @@ def report(runs: dict[str, list[dict]], loads, header: str) -> str:
         return statistics.median(r[load][key][sub] if sub else r[load][key] for r in runs[arm])
 
     name = lambda arm: f"`{arm}`" if arm else "default"  # noqa: E731
+    cpus = [*PROCESSES, "rest"]
     lines = [header, "", "| load | arm | output tok/s | TTFT p50 (ms) | TPOT p50 (ms) | ITL p50 / p90 (ms) | "
-             "handoff, mean (ms) | " + " | ".join(f"{k} CPU ms / token" for k in PROCESSES) + " |",
-             "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(PROCESSES)]
+             "handoff, mean (ms) | decode batch, mean | idle (% of cores) | "
+             + " | ".join(f"{k} CPU ms / token" for k in cpus) + " |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(cpus)]
     for workload, clients, _ in loads:
         load, who = (workload, clients), f"{workload}, {clients} client{'s' if clients > 1 else ''}"
         for arm in arms:
             lines.append(f"| {who} | {name(arm)} | {med(arm, load, 'out_tok_s'):.1f} | "
                          f"{med(arm, load, 'ttft_p50')*1000:.0f} | {med(arm, load, 'tpot_p50')*1000:.1f} | "
                          f"{med(arm, load, 'itl_p50')*1000:.1f} / {med(arm, load, 'itl_p90')*1000:.1f} | "
-                         f"{med(arm, load, 'handoff_ms'):.1f} | " + " | ".join(f"{med(arm, load, 'cpu_ms_per_token', k):.2f}" for k in PROCESSES) + " |")
+                         f"{med(arm, load, 'handoff_ms'):.1f} | {med(arm, load, 'decode_batch'):.1f} | "
+                         f"{med(arm, load, 'idle_pct'):.0f} | "
+                         + " | ".join(f"{med(arm, load, 'cpu_ms_per_token', k):.2f}" for k in cpus) + " |")
         for arm in arms[1:]:
             ratio = lambda key, sub=None: med(arm, load, key, sub) / max(1e-9, med(arms[0], load, key, sub))  # noqa: E731
             lines.append(f"| {who} | {name(arm)} / {name(arms[0])} | {ratio('out_tok_s'):.2f}x | "
                          f"{ratio('ttft_p50'):.2f}x | {ratio('tpot_p50'):.2f}x | | {ratio('handoff_ms'):.2f}x | "
-                         + " | ".join(f"{ratio('cpu_ms_per_token', k):.2f}x" for k in PROCESSES) + " |")
+                         f"{ratio('decode_batch'):.2f}x | | "
+                         + " | ".join(f"{ratio('cpu_ms_per_token', k):.2f}x" for k in cpus) + " |")
     return "\n".join(lines)
 
 

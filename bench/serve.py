@@ -22,14 +22,19 @@ from loadgen import bench_checkpoint, chat_body, noise_image_url, run_load, text
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def handoffs() -> tuple[int, float]:
-    """(KV handoffs, their summed seconds) so far, from the decode replica itself: exact at once,
-    where /metrics is a couple of seconds behind."""
+def decode_stats() -> dict:
+    """The decode replica's own counters (handoffs, steps, tokens_out, ...): exact at once, where
+    /metrics is a couple of seconds behind."""
     from ray import serve
 
     from popserve.service.launcher import APP_NAME
 
-    stats = serve.get_deployment_handle("Decode", app_name=APP_NAME).stats.remote().result()
+    return serve.get_deployment_handle("Decode", app_name=APP_NAME).stats.remote().result()
+
+
+def handoffs() -> tuple[int, float]:
+    """(KV handoffs, their summed seconds) so far."""
+    stats = decode_stats()
     return stats["handoffs"], stats["handoff_seconds"]
 
 
