@@ -8,8 +8,8 @@ An arm is a comma-separated list of dotted ServeConfig settings ("" is the defau
 each round, starts popserve on the bench checkpoint once per arm (the order alternates between
 rounds) and runs every load ("workload:clients:requests"; workloads as in bench/peers.py). Besides
 TTFT / TPOT / ITL / tok/s it reads the CPU seconds of each stage's processes from /proc, per
-output token, and of everything else on the machine ("rest": Ray's own processes, this load
-generator) and how much of both cores stayed idle; from the decode replica, the handoff's mean
+output token, of this load generator, and of everything else on the machine ("rest": Ray's own
+processes) and how much of the cores stayed idle; from the decode replica, the handoff's mean
 time and the mean decode batch (tokens per step: small batches cost the most CPU per token).
 Medians over the rounds, and each arm's ratios against the first.
 """
@@ -68,13 +68,15 @@ def parse_loads(text: str) -> list[tuple[str, int, int]]:
 
 def cpu_seconds() -> dict[str, float]:
     """By process title: `ray::ServeReplica:popserve:Prefill ` (the space keeps PrefillFull out);
-    "busy" and "idle": the whole machine's (all cores)."""
+    "loadgen": this process's; "busy" and "idle": the whole machine's (all cores)."""
     out = dict.fromkeys(PROCESSES, 0.0)
     for proc in psutil.process_iter(["cmdline", "cpu_times"]):
         title = " ".join(proc.info.get("cmdline") or []) + " "
         for name, marker in PROCESSES.items():
             if marker in title and proc.info["cpu_times"]:
                 out[name] += proc.info["cpu_times"].user + proc.info["cpu_times"].system
+    own = psutil.Process().cpu_times()  # this process: the load generator's clients
+    out["loadgen"] = own.user + own.system
     machine = psutil.cpu_times()
     out["idle"] = machine.idle + getattr(machine, "iowait", 0.0)
     out["busy"] = sum(machine) - out["idle"] - getattr(machine, "guest", 0.0) - getattr(machine, "guest_nice", 0.0)
@@ -84,7 +86,7 @@ def cpu_seconds() -> dict[str, float]:
 def load_counters(before: dict, after: dict, stats_before: dict, stats_after: dict, tokens: float, wall_s: float) -> dict:
     """What one load cost: CPU ms per output token by stage and for the rest of the machine, the
     idle share of all cores, the handoff's mean time and decode's mean batch (tokens per step)."""
-    per_token = {k: (after[k] - before[k]) * 1000 / max(1.0, tokens) for k in PROCESSES}
+    per_token = {k: (after[k] - before[k]) * 1000 / max(1.0, tokens) for k in [*PROCESSES, "loadgen"]}
     per_token["rest"] = (after["busy"] - before["busy"]) * 1000 / max(1.0, tokens) - sum(per_token.values())
     delta = {k: stats_after[k] - stats_before[k] for k in ("handoffs", "handoff_seconds", "steps", "tokens_out")}
     return {"cpu_ms_per_token": per_token,
@@ -128,7 +130,7 @@ def report(runs: dict[str, list[dict]], loads, header: str) -> str:
         return statistics.median(r[load][key][sub] if sub else r[load][key] for r in runs[arm])
 
     name = lambda arm: f"`{arm}`" if arm else "default"  # noqa: E731
-    cpus = [*PROCESSES, "rest"]
+    cpus = [*PROCESSES, "loadgen", "rest"]
     lines = [header, "", "| load | arm | output tok/s | TTFT p50 (ms) | TPOT p50 (ms) | ITL p50 / p90 (ms) | "
              "handoff, mean (ms) | decode batch, mean | idle (% of cores) | "
              + " | ".join(f"{k} CPU ms / token" for k in cpus) + " |",

@@ -161,7 +161,7 @@ def test_config_ab_report_gives_each_arm_and_its_ratio_to_the_first():
     def run(tok_s, ttft):
         return {("text64", 1): {"out_tok_s": tok_s, "ttft_p50": ttft, "tpot_p50": 0.02, "itl_p50": 0.02,
                                 "itl_p90": 0.03, "handoff_ms": ttft * 10, "decode_batch": tok_s / 2, "idle_pct": 5.0,
-                                "cpu_ms_per_token": dict.fromkeys([*config_ab.PROCESSES, "rest"], 2.0)}}
+                                "cpu_ms_per_token": dict.fromkeys([*config_ab.PROCESSES, "loadgen", "rest"], 2.0)}}
 
     runs = {"": [run(10.0, 0.5), run(12.0, 0.7)], "engine.stream_interval=4": [run(15.0, 0.3), run(13.0, 0.3)]}
     text = config_ab.report(runs, [("text64", 1, 2)], "header")
@@ -171,19 +171,19 @@ def test_config_ab_report_gives_each_arm_and_its_ratio_to_the_first():
     assert "| 11.0 | 600 |" in rows[0] and "| 14.0 | 300 |" in rows[1]  # medians of the two rounds
     assert "| 6.0 | 5.5 | 5 |" in rows[0] and "| 3.0 | 7.0 | 5 |" in rows[1]  # handoff ms, decode batch, idle %
     assert "| 1.27x | 0.50x | 1.00x | | 0.50x | 1.27x | |" in rows[2]  # tok/s, TTFT, TPOT, handoff, batch
-    assert rows[0].count("| 2.00 ") == len(config_ab.PROCESSES) + 1  # each stage's CPU and the rest's
+    assert rows[0].count("| 2.00 ") == len(config_ab.PROCESSES) + 2  # each stage's CPU, the load generator's, the rest's
 
 
 def test_config_ab_counts_the_rest_of_the_machine_and_the_decode_batch():
     import config_ab
 
-    stages = dict.fromkeys(config_ab.PROCESSES, 1.0)
+    stages = dict.fromkeys([*config_ab.PROCESSES, "loadgen"], 1.0)
     before = {**stages, "busy": 10.0, "idle": 100.0}
-    after = {**dict.fromkeys(config_ab.PROCESSES, 2.0), "busy": 17.0, "idle": 101.0}  # stages 5 s of 7 busy
+    after = {**dict.fromkeys([*config_ab.PROCESSES, "loadgen"], 2.0), "busy": 18.0, "idle": 101.0}  # 6 s of 8 busy
     stats = {"handoffs": 3, "handoff_seconds": 1.0, "steps": 10, "tokens_out": 100}
     later = {"handoffs": 7, "handoff_seconds": 1.2, "steps": 30, "tokens_out": 260}
     got = config_ab.load_counters(before, after, stats, later, tokens=1000, wall_s=4.0)
-    assert got["cpu_ms_per_token"]["Decode"] == 1.0 and abs(got["cpu_ms_per_token"]["rest"] - 2.0) < 1e-9
+    assert got["cpu_ms_per_token"]["Decode"] == got["cpu_ms_per_token"]["loadgen"] == 1.0 and abs(got["cpu_ms_per_token"]["rest"] - 2.0) < 1e-9
     assert abs(got["handoff_ms"] - 50.0) < 1e-9 and got["decode_batch"] == 8.0
     import psutil
     assert abs(got["idle_pct"] - 100 / (4.0 * psutil.cpu_count())) < 1e-9
