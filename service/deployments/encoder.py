@@ -11,7 +11,6 @@ from popserve.models.encoder import VisionEncoder
 from popserve.models.families import ImageFeatures, PixelInputs
 
 from ..config import ServeConfig
-from ..engine.batcher import Batcher
 from ..metrics import StageMetrics
 from .common import replica_info, setup_replica
 
@@ -52,7 +51,6 @@ class VisionEncoderStage:
         self.cache = FeatureCache(self.cfg.encoder_cache_bytes)
         self.images = self.batches = self.in_flight = 0
         self.busy_s = 0.0
-        self.batcher = Batcher(self._encode_batch, max_size=16)
         self.metrics = StageMetrics("encoder", self.stats)
 
     async def encode(self, items: list[tuple[str, PixelInputs]]) -> list[ImageFeatures]:
@@ -61,7 +59,7 @@ class VisionEncoderStage:
         todo = [i for i, f in enumerate(out) if f is None]
         self.in_flight += len(todo)
         try:
-            fresh = await asyncio.gather(*(self.batcher.submit(items[i][1]) for i in todo))
+            fresh = await asyncio.gather(*(self._encode_one(items[i][1]) for i in todo))
         finally:
             self.in_flight -= len(todo)
         for i, feat in zip(todo, fresh):
@@ -70,7 +68,8 @@ class VisionEncoderStage:
             out[i] = feat
         return out
 
-    async def _encode_batch(self, pixels: list[PixelInputs]) -> list[ImageFeatures]:
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _encode_one(self, pixels: list[PixelInputs]) -> list[ImageFeatures]:
         t0 = time.perf_counter()
         feats = await asyncio.to_thread(self.runner.encode_pixels, pixels)
         self.busy_s += time.perf_counter() - t0

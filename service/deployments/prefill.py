@@ -13,7 +13,6 @@ from popserve.models.kv import KVHandoff
 from popserve.models.prefill import PrefillRequest, PrunedPrefill
 
 from ..config import ServeConfig
-from ..engine.batcher import Batcher
 from ..errors import BadRequest
 from ..handoff import Location, send
 from ..metrics import StageMetrics
@@ -41,8 +40,8 @@ class PrefillStage:
         setup_replica(self.cfg, self.cfg.stage(stage))
         self.runner = PrunedPrefill(self.cfg.model, pop_ratio, self.cfg.dtype, self.cfg.device,
                                     self.cfg.prefix_cache_bytes)
-        # A batch's size is its prompts' tokens, not their count.
-        self.batcher = Batcher(self._prefill_batch, max_size=self.cfg.prefill_batch_tokens)
+        # Serve's batcher limits a batch's prompt tokens (batch_size_fn below), not its count.
+        self._batched.set_max_batch_size(self.cfg.prefill_batch_tokens)
         self.prompts = self.batches = self.tokens = self.in_flight = 0
         self.handoff_bytes = 0
         self.busy_s = 0.0
@@ -64,15 +63,14 @@ class PrefillStage:
             # A prompt counts the tokens it will compute, not those the prefix cache holds; one
             # longer than the budget counts as the whole budget: it runs alone.
             tokens = max(1, input_ids.numel() - self.runner.cached_tokens(request))
-            budgeted = min(tokens, self.cfg.prefill_batch_tokens)
-            handoff = await self.batcher.submit((budgeted, request), budgeted)
+            handoff = await self._batched(min(tokens, self.cfg.prefill_batch_tokens), request)
             return await send(handoff, deliver_to if self.cfg.gpu_handoff == "cuda_ipc" else None)
         finally:
             self.in_flight -= 1
 
-    async def _prefill_batch(self, calls: list[tuple[int, PrefillRequest]]) -> list[KVHandoff]:
+    @serve.batch(max_batch_size=4096, batch_wait_timeout_s=0.002, batch_size_fn=sum)
+    async def _batched(self, tokens: list[int], requests: list[PrefillRequest]) -> list[KVHandoff]:
         t0 = time.perf_counter()
-        tokens, requests = zip(*calls)
         out: list[Optional[KVHandoff]] = [None] * len(requests)
         for group in length_groups([r.input_ids.numel() for r in requests]):
             handoffs = await asyncio.to_thread(self.runner.prefill, [requests[i] for i in group])
