@@ -79,7 +79,8 @@ def cpu_seconds() -> dict[str, float]:
     out["loadgen"] = own.user + own.system
     machine = psutil.cpu_times()
     out["idle"] = machine.idle + getattr(machine, "iowait", 0.0)
-    out["busy"] = sum(machine) - out["idle"] - getattr(machine, "guest", 0.0) - getattr(machine, "guest_nice", 0.0)
+    # guest time is counted in user time already; steal is the hypervisor's, not this machine's work
+    out["busy"] = sum(machine) - out["idle"] - sum(getattr(machine, k, 0.0) for k in ("guest", "guest_nice", "steal"))
     return out
 
 
